@@ -1,0 +1,48 @@
+# deqbench: `make demo` (set up + main job) and `make test` (set up + test suite).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.deqbench-installed
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data test test-fast demo bench clean
+
+setup: $(STAMP)
+
+# torch/torchvision first (served from the machine's local wheel cache), then everything else
+# in ONE resolver run (library-facts.md). Then verify that torchattacks' bundled copy of an old
+# robustbench did not overwrite the real one, and repair it if it did.
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m model_zoo.compat --check || { $(PY) -m model_zoo.compat --repair && $(PY) -m model_zoo.compat --check; }
+	touch $(STAMP)
+
+# Fashion-MNIST (the offline default) from Debian; installs it when missing and we are root.
+data:
+	@if [ -f $(FMNIST_DIR)/t10k-images-idx3-ubyte.gz ]; then \
+	  echo "Fashion-MNIST found in $(FMNIST_DIR)"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)); \
+	else \
+	  echo "Fashion-MNIST is missing. Install it with:  sudo apt-get install -y dataset-fashion-mnist"; \
+	fi
+
+test: setup data
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+# The main job. Until the benchmark issue lands: the zoo, then one clean evaluation of one model.
+demo: setup data
+	$(VENV)/bin/deqbench zoo list
+	$(VENV)/bin/deqbench eval --model deq_tiny_fashion_mnist --allow-untrained --n 500 --output runs/demo/eval_deq_tiny.json
+
+bench: setup
+	$(VENV)/bin/deqbench bench forward --model deq_tiny_fashion_mnist --output runs/bench/forward.json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache *.egg-info

@@ -1,0 +1,1 @@
+"""deqbench benchmark package: datasets, evaluation runs and reporting for DEQ classifiers."""

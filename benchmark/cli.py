@@ -1,0 +1,145 @@
+"""The ``deqbench`` command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _zoo_rows():
+    import model_zoo
+    rows = []
+    for name in model_zoo.list_models():
+        e = model_zoo.get_entry(name)
+        try:
+            params = model_zoo.create(name).num_parameters()
+        except Exception as exc:  # an architecture that cannot be built here (e.g. missing extra)
+            params = f"error: {exc}"
+        rows.append({"name": name, "dataset": e.dataset, "architecture": e.architecture,
+                     "input_shape": list(e.input_shape), "parameters": params,
+                     "training": e.training,
+                     "threat_model": f"{e.threat_model} eps={e.eps:g}" if e.eps else e.threat_model,
+                     "checkpoint": model_zoo.checkpoint_status(e)})
+    return rows
+
+
+def cmd_zoo_list(args):
+    rows = _zoo_rows()
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+        return 0
+    cols = ["name", "dataset", "architecture", "parameters", "training", "threat_model", "checkpoint"]
+    width = {c: max(len(c), *(len(f"{r[c]:,}" if isinstance(r[c], int) else str(r[c])) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(width[c]) for c in cols))
+    for r in rows:
+        print("  ".join((f"{r[c]:,}" if isinstance(r[c], int) else str(r[c])).ljust(width[c]) for c in cols))
+    return 0
+
+
+def cmd_zoo_show(args):
+    import model_zoo
+    e = model_zoo.get_entry(args.name)
+    d = e.to_dict()
+    d["checkpoint_status"] = model_zoo.checkpoint_status(e)
+    m = model_zoo.create(args.name)
+    d["description"] = m.describe() if hasattr(m, "describe") else {}
+    d["parameters"] = m.num_parameters()
+    print(json.dumps(d, indent=2, default=str))
+    return 0
+
+
+def cmd_bench_forward(args):
+    from benchmark.bench_forward import bench_forward, format_table
+    from benchmark.provenance import provenance
+    rows = bench_forward(args.model, batch_size=args.batch_size,
+                         tfs=[int(v) for v in args.tf.split(",")],
+                         rs=[int(v) for v in args.r.split(",")], preset=args.preset,
+                         device=args.device, repeats=args.repeats, checkpoint=args.checkpoint)
+    print(f"\nmodel {args.model}, batch {args.batch_size}, device {args.device}, preset {args.preset}")
+    print(format_table(rows))
+    if args.output:
+        out = {"model": args.model, "batch_size": args.batch_size, "preset": args.preset,
+               "provenance": provenance(args.device), "rows": rows}
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(out, indent=2))
+        print(f"\nwrote {args.output}")
+    return 0
+
+
+def cmd_eval(args):
+    from benchmark.evaluate_model import evaluate_clean
+    res = evaluate_clean(args.model, checkpoint=args.checkpoint, defense=args.defense,
+                         dataset=args.dataset, n=args.n, batch_size=args.batch_size,
+                         device=args.device, seed=args.seed, root=args.data_root,
+                         allow_untrained=args.allow_untrained)
+    s = res["summary"]
+    print(f"\n{args.model} on {res['dataset']['name']} test subset n={s['n']} (seed {args.seed})"
+          f"{'' if res['trained'] else '  [UNTRAINED weights]'}")
+    print(f"  clean accuracy of the reported forward: {100 * s['clean_acc']:.2f}%")
+    if "state_acc" in s:
+        print("  accuracy per state z[1..N]: " + " ".join(f"{100 * a:.1f}" for a in s["state_acc"]))
+        print(f"  mean relative residual of z[N]: {s['mean_final_rel_residual']:.3g}; "
+              f"f evaluations per sample: {s['nfev_per_sample']:.1f}")
+    print(f"  {s['samples_per_s']:.1f} samples/s on {res['provenance']['device']}")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(res, indent=1))
+        print(f"  per-example record: {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deqbench", description="Robustness benchmark for DEQ classifiers")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    zoo = sub.add_parser("zoo", help="the model zoo").add_subparsers(dest="zoo_command", required=True)
+    zl = zoo.add_parser("list", help="list registered models")
+    zl.add_argument("--format", choices=["table", "json"], default="table")
+    zl.set_defaults(func=cmd_zoo_list)
+    zs = zoo.add_parser("show", help="one entry's metadata")
+    zs.add_argument("name")
+    zs.set_defaults(func=cmd_zoo_show)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    bf = bench.add_parser("forward", help="plain forward vs EntropyReduction over Tf x R (Table 10)")
+    bf.add_argument("--model", default="deq_tiny_fashion_mnist")
+    bf.add_argument("--checkpoint", default=None)
+    bf.add_argument("--batch-size", type=int, default=32)
+    bf.add_argument("--tf", default="1,2,4,8")
+    bf.add_argument("--r", default="0,1,5,10,20")
+    bf.add_argument("--preset", choices=["reference", "paper"], default="reference")
+    bf.add_argument("--repeats", type=int, default=2)
+    bf.add_argument("--device", default="cpu")
+    bf.add_argument("--output", default=None, help="write the rows as JSON here")
+    bf.set_defaults(func=cmd_bench_forward)
+
+    ev = sub.add_parser("eval", help="clean evaluation of one model on a fixed test subset")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--checkpoint", default=None)
+    ev.add_argument("--defense", default=None, help="'final', 'early:7', 'entropy_reduction', ...")
+    ev.add_argument("--dataset", default=None)
+    ev.add_argument("--data-root", default=None)
+    ev.add_argument("--n", type=int, default=500)
+    ev.add_argument("--batch-size", type=int, default=100)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--allow-untrained", action="store_true")
+    ev.add_argument("--output", default=None, help="write the per-example record (JSON) here")
+    ev.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, KeyError, RuntimeError, FileNotFoundError) as e:
+        # Known user errors: one clear line, no traceback.
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"deqbench: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,436 @@
+"""Configurable forward passes (defenses) of a DEQ classifier.
+
+A forward pass = *dynamics* (how the states z[1..N] are produced: a plain solve, or the Sec. 3.2
+input entropy reduction that updates the input along the way) + *readout* (which state the head
+classifies: the final state after a damped unroll, or an early state z[i]).
+
+* :class:`FinalState` - solve, then f and K damped steps z <- (1-lam) z + lam f(z) with gradient,
+  head on the result (reference evaluation: 1 + 9 steps at lam = 0.5; training 1 + 5).
+* :class:`EarlyState` - head on z[i] (Yang et al. 2022's early-state defense); ``'select'`` picks
+  i by ready-made PGD-10 accuracy on a validation split (``attacks.select_early_state``).
+* :class:`EntropyReduction` - Sec. 3.2 / Algorithm 1, presets ``reference`` and ``paper``, with a
+  readout of its own (``FinalState`` or ``EarlyState``).
+* :class:`SegmentedSolve` - the ablation control of Sec. 3.2: the reference's segmented,
+  memory-resetting Broyden solve with R = 0 input updates.
+
+Every forward returns a :class:`ForwardRecord` (``model.run(x, per_state=True)``) with per-state
+logits, prediction entropies H(z[t]) (Eq. 6), residuals and per-sample f-eval counts.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .solvers import Broyden, Trajectory, lift_memory
+
+__all__ = ["ForwardRecord", "FinalState", "EarlyState", "EntropyReduction", "SegmentedSolve",
+           "prediction_entropy", "make_defense", "DEFENSES"]
+
+
+def prediction_entropy(logits: Tensor) -> Tensor:
+    """H = -sum_j p_j log p_j with p = softmax(logits) (Eq. 6); (..., C) -> (...)."""
+    logp = F.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@dataclass
+class ForwardRecord:
+    """Everything one forward pass produced, per sample.
+
+    logits: (B, C) of the reported readout. ``readout``: which state produced them ('final' or
+    'z[i]'). ``trajectory``: the dynamics (z[1..N], residual traces, lowest-residual state).
+    ``state_logits``: (N, B, C) head on z[1..N] (only with ``per_state=True``); ``final_logits``:
+    (B, C) the FinalState readout when it was computed. ``entropies``: (N, B) H(z[t]).
+    ``nfev_nograd`` / ``nfev_grad``: (B,) f_theta evaluations without / with autograd graph.
+    ``x_used``: (B, C, H, W) the input the dynamics ended with (differs from x only for
+    EntropyReduction). ``extra``: defense-specific data (e.g. per-segment inputs).
+    """
+    logits: Tensor
+    readout: str
+    trajectory: Trajectory
+    nfev_nograd: Tensor
+    nfev_grad: Tensor
+    x_used: Tensor
+    state_logits: Optional[Tensor] = None
+    final_logits: Optional[Tensor] = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def entropies(self) -> Optional[Tensor]:
+        return None if self.state_logits is None else prediction_entropy(self.state_logits)
+
+    @property
+    def nfev(self) -> Tensor:
+        return self.nfev_nograd + self.nfev_grad
+
+    @property
+    def predictions(self) -> Tensor:
+        return self.logits.argmax(-1)
+
+
+def _check_lam(lam):
+    if not 0 < lam <= 1:
+        raise ValueError(f"unroll step lam must be in (0, 1], got {lam}")
+
+
+# ---------------------------------------------------------------------------------------------
+# readouts
+# ---------------------------------------------------------------------------------------------
+
+class _Forward:
+    """Base: dynamics = plain solve with the model's solver; subclasses define the readout."""
+    name = "base"
+
+    def config(self) -> dict:
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config().items() if k != 'name')})"
+
+    # dynamics
+    def dynamics(self, model, x: Tensor, ctx) -> tuple:
+        # ctx.f counts every evaluation (with or without graph) in ctx.counter.
+        return model.solver.solve(ctx.f, model.zero_state(x)), ctx, {}
+
+    def readout(self, model, traj: Trajectory, ctx, x_orig: Tensor) -> tuple:
+        raise NotImplementedError
+
+    def run(self, model, x: Tensor, per_state: bool = False) -> ForwardRecord:
+        ctx = model.context(x)
+        traj, ctx_end, extra = self.dynamics(model, x, ctx)
+        logits, label, final_logits = self.readout(model, traj, ctx_end, x, ctx)
+        state_logits = None
+        if per_state:
+            with torch.no_grad():
+                state_logits = torch.stack([ctx.head(z) for z in traj.states], 0)
+        return ForwardRecord(logits=logits, readout=label, trajectory=traj,
+                             nfev_nograd=ctx.counter.nograd, nfev_grad=ctx.counter.grad,
+                             x_used=ctx_end.x, state_logits=state_logits,
+                             final_logits=final_logits, extra=extra)
+
+
+def unroll(ctx, z: Tensor, steps: int, lam: float, first_full: bool = True) -> Tensor:
+    """Phantom-gradient unroll with autograd: (f once if ``first_full``) then ``steps`` damped
+    steps z <- (1 - lam) z + lam f(z; x) (Eq. 11's update; Geng et al. 2021)."""
+    u = ctx.f(z) if first_full else z
+    for _ in range(steps):
+        u = (1 - lam) * u + lam * ctx.f(u)
+    return u
+
+
+class FinalState(_Forward):
+    """Classify the final state: the solver's lowest-residual state z*, then ``first_full``
+    f-step and ``steps`` damped steps at ``lam`` with gradient (spec 2.2).
+
+    Defaults = the reference evaluation (f + 9 steps at 0.5, 10 f evals with graph). Training in
+    the reference uses ``steps=5``. ``from_state='best'`` (lowest residual, reference) or
+    ``'last'`` (z[N]). The solve itself is not differentiated (phantom gradient) unless the
+    model's solver has ``keep_graph=True`` (full backpropagation through the solve).
+    """
+    name = "final"
+
+    def __init__(self, steps: int = 9, lam: float = 0.5, first_full: bool = True,
+                 from_state: str = "best"):
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        _check_lam(lam)
+        if from_state not in ("best", "last"):
+            raise ValueError(f"from_state must be 'best' or 'last', got {from_state!r}")
+        self.steps, self.lam, self.first_full, self.from_state = int(steps), float(lam), bool(first_full), from_state
+
+    def config(self):
+        return {"name": self.name, "steps": self.steps, "lam": self.lam,
+                "first_full": self.first_full, "from_state": self.from_state}
+
+    def readout(self, model, traj, ctx_end, x_orig, ctx_orig=None, unroll_ctx=None):
+        z = traj.best if self.from_state == "best" else traj.states[-1]
+        if not model.solver.keep_graph:
+            z = z.detach()
+        uctx = unroll_ctx or ctx_end
+        u = unroll(uctx, z, self.steps, self.lam, self.first_full)
+        logits = uctx.head(u)
+        return logits, "final", logits
+
+
+class EarlyState(_Forward):
+    """Classify the raw solver iterate z[i] (1 <= i <= N): h(z[i]).
+
+    ``EarlyState('select')`` is unresolved until ``attacks.select_early_state`` (ready-made
+    PGD-10 accuracy on a validation split, the paper's protocol) sets ``index`` and
+    ``selection`` (the per-state accuracies it chose from). The output is not differentiable
+    w.r.t. the input unless the solver keeps its graph: attacks use a surrogate gradient.
+    """
+    name = "early"
+
+    def __init__(self, index: Union[int, str] = "select", selection: Optional[dict] = None):
+        if index != "select" and (not isinstance(index, int) or index < 1):
+            raise ValueError(f"EarlyState index must be an integer >= 1 or 'select', got {index!r}")
+        self.index = index
+        self.selection = selection
+
+    def config(self):
+        c = {"name": self.name, "index": self.index}
+        if self.selection is not None:
+            c["selection"] = self.selection
+        return c
+
+    def resolve(self, index: int, selection: dict) -> "EarlyState":
+        self.index, self.selection = int(index), selection
+        return self
+
+    def readout(self, model, traj, ctx_end, x_orig, ctx_orig=None, unroll_ctx=None):
+        if self.index == "select":
+            raise RuntimeError("EarlyState('select') has not chosen its state yet: run "
+                               "attacks.select_early_state(model, x_val, y_val) first")
+        if self.index > traj.num_states:
+            raise ValueError(f"EarlyState({self.index}) but the solver produced only "
+                             f"{traj.num_states} states")
+        z = traj.state(self.index)
+        logits = ctx_end.head(z)
+        return logits, f"z[{self.index}]", None
+
+
+# ---------------------------------------------------------------------------------------------
+# Sec. 3.2 dynamics
+# ---------------------------------------------------------------------------------------------
+
+class _SegmentedDynamics(_Forward):
+    """Shared machinery: the dynamics run in segments of ``tf`` solver steps; between segments
+    ``_update_input`` may change the input (R = 0: never)."""
+
+    def __init__(self, tf: int, preset: str, readout=None, unroll_input: Optional[str] = None):
+        if int(tf) != tf or tf < 1:
+            raise ValueError(f"Tf must be a positive integer, got {tf!r}")
+        if preset not in ("reference", "paper"):
+            raise ValueError(f"preset must be 'reference' or 'paper', got {preset!r}")
+        self.tf, self.preset = int(tf), preset
+        self.inner = readout if readout is not None else FinalState()
+        if not isinstance(self.inner, (FinalState, EarlyState)):
+            raise TypeError("readout must be a FinalState or EarlyState")
+        # Which input the final unroll sees: the reference uses the ORIGINAL input (spec 4);
+        # Algorithm 1 ends on the purified input.
+        self.unroll_input = unroll_input or ("original" if preset == "reference" else "purified")
+        if self.unroll_input not in ("original", "purified"):
+            raise ValueError(f"unroll_input must be 'original' or 'purified', got {unroll_input!r}")
+
+    def _update_input(self, model, x0, x_cur, z, ctx, seg):
+        return x_cur
+
+    def r_updates(self) -> int:
+        return 0
+
+    def readout(self, model, traj, ctx_end, x_orig, ctx_orig=None):
+        uctx = ctx_orig if self.unroll_input == "original" else ctx_end
+        return self.inner.readout(model, traj, ctx_end, x_orig, unroll_ctx=uctx)
+
+    def dynamics(self, model, x, ctx):
+        if not isinstance(model.solver, Broyden):
+            raise ValueError(f"{type(self).__name__} needs a Broyden solver (got {model.solver!r})")
+        N = model.solver.max_iter
+        if N % self.tf:
+            raise ValueError(f"Tf={self.tf} must divide the number of solver steps N={N}")
+        if self.preset == "reference":
+            return self._reference(model, x, ctx, N)
+        return self._paper(model, x, ctx, N)
+
+    # The released code (spec section 4): Broyden in segments of Tf steps whose memory holds Tf
+    # columns, segment start = lowest-residual iterate of the previous segment, and a secant
+    # "lift" after each input change instead of a re-solve.
+    def _reference(self, model, x, ctx_orig, N):
+        solver = model.solver.with_options(max_iter=self.tf, memory_size=self.tf,
+                                           resume="reference", keep_graph=False)
+        ctx = copy.copy(ctx_orig)  # same masks and counter; its injection follows x_cur
+        x_cur = x.detach()
+        z = model.zero_state(x)
+        memory, gx0 = None, None
+        parts, inputs = [], []
+        nseg = N // self.tf
+        for seg in range(nseg):
+            r = solver.solve(ctx.f, z, gx0=gx0, memory=memory)
+            parts.append(r)
+            inputs.append(x_cur)
+            z, memory = r.best, r.memory
+            if seg == nseg - 1:
+                break  # the reference's R-loop after the last segment changes nothing reported
+            x_new = self._update_input(model, x, x_cur, z, ctx, seg)
+            if x_new is not x_cur:
+                # The lift needs g at z under the old input: memory.gx is g at the LAST iterate,
+                # which is what the reference subtracts (z is the lowest of the segment).
+                x_cur = x_new
+                ctx.set_input(x_cur)
+            with torch.no_grad():
+                gx0 = ctx.f(z) - z  # g_new(z): the lift's f-eval doubles as the segment start
+            memory = lift_memory(memory, gx0, memory.gx)
+        return _concat(parts, model.solver.decisions), ctx, {"segment_inputs": inputs}
+
+    # Algorithm 1: one solver step at a time; every Tf steps update the input R times with
+    # Eq. (8) and re-solve z[t+1] from z[t] under the new input.
+    def _paper(self, model, x, ctx_orig, N):
+        # One-step Broyden solves chained through a continued memory (= a plain Broyden-N solve
+        # when R = 0). No early stop: all N states are produced.
+        solver = model.solver.with_options(max_iter=1, memory_size=N, resume="continue",
+                                           keep_graph=False, protect=None, eps=0.0)
+        ctx = copy.copy(ctx_orig)
+        x_cur = x.detach()
+        z = model.zero_state(x)
+        memory, gx, parts, inputs = None, None, [], []
+        for t in range(N):
+            r = solver.solve(ctx.f, z, gx0=gx, memory=memory)
+            if (t + 1) % self.tf == 0 and self.r_updates() > 0:
+                x_cur = self._update_input(model, x, x_cur, r.states[0], ctx, t // self.tf)
+                ctx.set_input(x_cur)
+                r = solver.solve(ctx.f, z, memory=memory)  # re-solve z[t+1] from z[<=t]
+            parts.append(r)
+            inputs.append(x_cur)
+            z, memory, gx = r.states[0], r.memory, r.memory.gx
+        traj = _concat(parts, model.solver.decisions)
+        _stop_check(traj, model.solver)
+        return traj, ctx, {"step_inputs": inputs}
+
+
+def _stop_check(traj, solver):
+    """Recompute the lowest-residual state over the whole chained trajectory."""
+    crit = traj.rel_trace if solver.stop_mode == "rel" else traj.abs_trace
+    if solver.decisions == "batch":
+        crit = crit.norm(dim=0, keepdim=True).expand_as(crit)
+    best_t = crit.argmin(1)
+    stacked = traj.stacked()
+    traj.best = stacked[best_t, torch.arange(stacked.shape[1], device=best_t.device)]
+    traj.best_index = best_t + 1
+    traj.converged = crit.min(1).values < solver.eps
+
+
+def _concat(parts, decisions) -> Trajectory:
+    """One trajectory from consecutive segment solves (states z[1..N] in order)."""
+    states = [s for p in parts for s in p.states]
+    abs_tr = torch.cat([p.abs_trace for p in parts], 1)
+    rel_tr = torch.cat([p.rel_trace for p in parts], 1)
+    last = parts[-1]
+    # The reference's final unroll starts from the lowest-residual iterate of the LAST segment.
+    offset = sum(p.num_states for p in parts[:-1])
+    return Trajectory(states=states, abs_trace=abs_tr, rel_trace=rel_tr, best=last.best,
+                      best_index=last.best_index + offset,
+                      nstep=sum(p.nstep for p in parts), converged=last.converged,
+                      nfev=sum(p.nfev for p in parts), memory=last.memory)
+
+
+class SegmentedSolve(_SegmentedDynamics):
+    """Control for Sec. 3.2 (Table 5 ablation): the reference's segmented Broyden solve with
+    R = 0 input updates. With the ``reference`` preset it differs from a plain Broyden-N solve
+    because the memory is reset to Tf columns per segment (spec section 4)."""
+    name = "segmented"
+
+    def __init__(self, tf: int = 2, readout=None, preset: str = "reference",
+                 unroll_input: Optional[str] = None):
+        super().__init__(tf, preset, readout, unroll_input)
+
+    def config(self):
+        return {"name": self.name, "tf": self.tf, "preset": self.preset,
+                "unroll_input": self.unroll_input, "readout": self.inner.config()}
+
+
+class EntropyReduction(_SegmentedDynamics):
+    """Input entropy reduction along the neural dynamics (Sec. 3.2, Algorithm 1, Eq. 8).
+
+    Every ``tf`` solver steps, the input is updated ``r`` times to reduce the prediction entropy
+    of h(f(z; x')) at the current state z, within the l_inf ball of radius ``eps`` around the
+    given input and within [0, 1].
+
+    Presets:
+      * ``reference`` (the released code; defaults beta=2/255, R=10, Tf=2, eps=8/255): sign
+        steps x' <- clip(x' - beta sign(grad H)); the state is not re-solved: Broyden's secant
+        memory is "lifted"; segment memory of Tf columns; final unroll on the ORIGINAL input.
+      * ``paper`` (Algorithm 1 / Eq. 8): gradient steps x' <- Proj(x' - beta grad H), then z[t+1]
+        is re-solved from z[t] under the new input; final unroll on the purified input.
+
+    The gradient of H goes through the stem, one f step and the head, with z fixed (spec 4).
+    ``readout``: ``FinalState()`` (default) or ``EarlyState(i)``.
+    """
+    name = "entropy_reduction"
+
+    def __init__(self, beta: float = 2 / 255, r: int = 10, tf: int = 2, eps: float = 8 / 255,
+                 preset: str = "reference", readout=None, unroll_input: Optional[str] = None):
+        super().__init__(tf, preset, readout, unroll_input)
+        if int(r) != r or r < 0:
+            raise ValueError(f"R must be a non-negative integer, got {r!r}")
+        if not beta > 0 or not eps >= 0:
+            raise ValueError(f"beta must be > 0 and eps >= 0 (got beta={beta}, eps={eps})")
+        self.beta, self.r, self.eps = float(beta), int(r), float(eps)
+
+    def config(self):
+        return {"name": self.name, "beta": self.beta, "r": self.r, "tf": self.tf, "eps": self.eps,
+                "preset": self.preset, "unroll_input": self.unroll_input,
+                "readout": self.inner.config()}
+
+    def r_updates(self):
+        return self.r
+
+    def _update_input(self, model, x0, x_cur, z, ctx, seg):
+        if self.r == 0:
+            return x_cur
+        z = z.detach()
+        x0 = x0.detach()
+        xc = x_cur.detach()
+        counter = ctx.counter
+        for _ in range(self.r):
+            with torch.enable_grad():
+                xv = xc.clone().requires_grad_(True)
+                inj = model.inject(xv)
+                uctx = _InjectedCtx(model, inj, ctx.masks, counter)
+                # Sum, not mean, over the batch: the per-sample gradient must not depend on
+                # the batch size (the reference's mean only rescales, sign() hides it).
+                h = prediction_entropy(uctx.head(uctx.f(z))).sum()
+                (g,) = torch.autograd.grad(h, xv)
+            step = g.sign() if self.preset == "reference" else g
+            xc = xc - self.beta * step
+            xc = torch.min(torch.max(xc, x0 - self.eps), x0 + self.eps).clamp_(0, 1)
+        return xc
+
+
+class _InjectedCtx:
+    """A CellContext view with a given injection (used for the entropy gradient)."""
+
+    def __init__(self, model, inj, masks, counter):
+        self.model, self.inj, self.masks, self.counter = model, inj, masks, counter
+
+    def f(self, z, idx=None):
+        self.counter.add(idx, True)
+        return self.model.flatten(self.model.cell(self.model.unflatten(z), self.inj, self.masks))
+
+    def head(self, z):
+        return self.model.head(self.model.unflatten(z))
+
+
+DEFENSES = {"final": FinalState, "early": EarlyState, "entropy_reduction": EntropyReduction,
+            "segmented": SegmentedSolve}
+
+
+def make_defense(spec) -> _Forward:
+    """Build a forward pass from a config dict (``{'name': 'early', 'index': 7}``), a string
+    (``'final'``, ``'early:7'``, ``'entropy_reduction'``) or an existing object."""
+    if isinstance(spec, _Forward):
+        return spec
+    if isinstance(spec, str):
+        name, _, arg = spec.partition(":")
+        spec = {"name": name}
+        if arg:
+            if name != "early":
+                raise ValueError(f"only 'early:<i>' takes an argument, got {spec!r}")
+            spec["index"] = int(arg) if arg != "select" else "select"
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ValueError(f"defense spec must be a name, 'early:<i>' or a dict with 'name': {spec!r}")
+    spec = dict(spec)
+    name = spec.pop("name")
+    if name not in DEFENSES:
+        raise ValueError(f"unknown defense {name!r}; choose one of {sorted(DEFENSES)}")
+    if "readout" in spec and not isinstance(spec["readout"], _Forward):
+        spec["readout"] = make_defense(spec["readout"])
+    try:
+        return DEFENSES[name](**spec)
+    except TypeError as e:
+        raise ValueError(f"bad parameters for defense {name!r}: {e}") from None
