@@ -20,7 +20,8 @@ def _time_forward(model, x, defense, repeats: int):
     best, rec = float("inf"), None
     for _ in range(repeats):
         t0 = time.perf_counter()
-        rec = model.run(x, defense=defense)
+        with torch.no_grad():  # inference, as deployed; Sec. 3.2 enables grad where it needs it
+            rec = model.run(x, defense=defense)
         if x.device.type == "cuda":
             torch.cuda.synchronize(x.device)
         best = min(best, time.perf_counter() - t0)

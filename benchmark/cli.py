@@ -71,7 +71,7 @@ def cmd_eval(args):
     from benchmark.evaluate_model import evaluate_clean
     res = evaluate_clean(args.model, checkpoint=args.checkpoint, defense=args.defense,
                          dataset=args.dataset, n=args.n, batch_size=args.batch_size,
-                         device=args.device, seed=args.seed, root=args.data_root,
+                         device=args.device, seed=args.seed, root=args.data_root, download=args.download,
                          allow_untrained=args.allow_untrained)
     s = res["summary"]
     print(f"\n{args.model} on {res['dataset']['name']} test subset n={s['n']} (seed {args.seed})"
@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--defense", default=None, help="'final', 'early:7', 'entropy_reduction', ...")
     ev.add_argument("--dataset", default=None)
     ev.add_argument("--data-root", default=None)
+    ev.add_argument("--download", action="store_true",
+                    help="let torchvision download a missing dataset (needs internet)")
     ev.add_argument("--n", type=int, default=500)
     ev.add_argument("--batch-size", type=int, default=100)
     ev.add_argument("--seed", type=int, default=0)

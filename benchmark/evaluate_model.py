@@ -14,7 +14,7 @@ from benchmark.provenance import provenance
 
 
 def evaluate_clean(model_name: str, checkpoint=None, defense=None, dataset=None, n: int = 500,
-                   batch_size: int = 100, device: str = "cpu", seed: int = 0, root=None,
+                   batch_size: int = 100, device: str = "cpu", seed: int = 0, root=None, download: bool = False,
                    allow_untrained: bool = False, progress: bool = True) -> dict:
     entry = model_zoo.get_entry(model_name)
     if checkpoint is None and entry.checkpoint is None:
@@ -29,7 +29,7 @@ def evaluate_clean(model_name: str, checkpoint=None, defense=None, dataset=None,
         model = model.to(device).eval()
     else:
         model = model_zoo.load(model_name, checkpoint=checkpoint, defense=defense, device=device)
-    ds = subset(load_dataset(dataset or entry.dataset, "test", root=root), n, seed=seed)
+    ds = subset(load_dataset(dataset or entry.dataset, "test", root=root, download=download), n, seed=seed)
     per_example = []
     t0 = time.perf_counter()
     with torch.no_grad():

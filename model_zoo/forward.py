@@ -373,37 +373,23 @@ class EntropyReduction(_SegmentedDynamics):
     def _update_input(self, model, x0, x_cur, z, ctx, seg):
         if self.r == 0:
             return x_cur
-        z = z.detach()
         x0 = x0.detach()
         xc = x_cur.detach()
-        counter = ctx.counter
+        with torch.no_grad():  # z is fixed: the x-independent part of f is computed once
+            f_of_inj = model.cell.with_fixed_state(model.unflatten(z.detach()), ctx.masks)
         for _ in range(self.r):
             with torch.enable_grad():
                 xv = xc.clone().requires_grad_(True)
-                inj = model.inject(xv)
-                uctx = _InjectedCtx(model, inj, ctx.masks, counter)
+                ctx.counter.add(None, True)
+                fz = model.flatten(f_of_inj(model.inject(xv)))
                 # Sum, not mean, over the batch: the per-sample gradient must not depend on
                 # the batch size (the reference's mean only rescales, sign() hides it).
-                h = prediction_entropy(uctx.head(uctx.f(z))).sum()
+                h = prediction_entropy(ctx.head(fz)).sum()
                 (g,) = torch.autograd.grad(h, xv)
             step = g.sign() if self.preset == "reference" else g
             xc = xc - self.beta * step
             xc = torch.min(torch.max(xc, x0 - self.eps), x0 + self.eps).clamp_(0, 1)
         return xc
-
-
-class _InjectedCtx:
-    """A CellContext view with a given injection (used for the entropy gradient)."""
-
-    def __init__(self, model, inj, masks, counter):
-        self.model, self.inj, self.masks, self.counter = model, inj, masks, counter
-
-    def f(self, z, idx=None):
-        self.counter.add(idx, True)
-        return self.model.flatten(self.model.cell(self.model.unflatten(z), self.inj, self.masks))
-
-    def head(self, z):
-        return self.model.head(self.model.unflatten(z))
 
 
 DEFENSES = {"final": FinalState, "early": EarlyState, "entropy_reduction": EntropyReduction,

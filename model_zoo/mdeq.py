@@ -112,15 +112,18 @@ class BasicBlock(nn.Module):
         self.gn3 = nn.GroupNorm(cfg.num_groups, c, affine=cfg.block_gn_affine)
         self.drop = VariationalDropout2d(cfg.dropout)
 
-    def forward(self, z: Tensor, inj: Optional[Tensor], mask: Optional[Tensor]) -> Tensor:
-        h = F.relu(self.gn1(self.conv1(z)))
-        h = self.conv2(h)
-        if mask is not None:
-            h = h * mask
+    def pre(self, z: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """The part that does not depend on the input x."""
+        h = self.conv2(F.relu(self.gn1(self.conv1(z))))
+        return h if mask is None else h * mask
+
+    def post(self, h: Tensor, z: Tensor, inj: Optional[Tensor]) -> Tensor:
         if inj is not None:
             h = h + inj
-        h = self.gn2(h)
-        return self.gn3(F.relu(h + z))
+        return self.gn3(F.relu(self.gn2(h) + z))
+
+    def forward(self, z: Tensor, inj: Optional[Tensor], mask: Optional[Tensor]) -> Tensor:
+        return self.post(self.pre(z, mask), z, inj)
 
 
 class Downsample(nn.Module):
@@ -182,6 +185,25 @@ class MDEQCell(nn.Module):
     def forward(self, z: list, inj: list, masks: Optional[list]) -> list:
         b = [blk(z[i], inj[i], None if masks is None else masks[i])
              for i, blk in enumerate(self.blocks)]
+        return self._fuse(b)
+
+    def with_fixed_state(self, z: list, masks: Optional[list]):
+        """f(z; .) for a FIXED z as a function of the injection only. The x-independent work
+        (every block's convs, and whole blocks without injection) is done once, so repeated
+        evaluations under changing inputs (Sec. 3.2's R entropy steps) cost only the
+        injection-dependent tail. Same operations, same result as ``forward``."""
+        pre = [blk.pre(z[i], None if masks is None else masks[i])
+               for i, blk in enumerate(self.blocks)]
+        const = [None if i == 0 else blk.post(pre[i], z[i], None)
+                 for i, blk in enumerate(self.blocks)]
+
+        def g(inj: list) -> list:
+            b = [blk.post(pre[i], z[i], inj[i]) if inj[i] is not None or const[i] is None
+                 else const[i] for i, blk in enumerate(self.blocks)]
+            return self._fuse(b)
+        return g
+
+    def _fuse(self, b: list) -> list:
         out = []
         for i in range(len(b)):
             s = b[i]
