@@ -295,9 +295,8 @@ class _SegmentedDynamics(_Forward):
 
 def _stop_check(traj, solver):
     """Recompute the lowest-residual state over the whole chained trajectory."""
+    # With decisions='batch' every sample's trace already holds the batch-level residual.
     crit = traj.rel_trace if solver.stop_mode == "rel" else traj.abs_trace
-    if solver.decisions == "batch":
-        crit = crit.norm(dim=0, keepdim=True).expand_as(crit)
     best_t = crit.argmin(1)
     stacked = traj.stacked()
     traj.best = stacked[best_t, torch.arange(stacked.shape[1], device=best_t.device)]
@@ -407,7 +406,11 @@ def make_defense(spec) -> _Forward:
         if arg:
             if name != "early":
                 raise ValueError(f"only 'early:<i>' takes an argument, got {spec!r}")
-            spec["index"] = int(arg) if arg != "select" else "select"
+            try:
+                spec["index"] = int(arg) if arg != "select" else "select"
+            except ValueError:
+                raise ValueError(f"bad parameters for defense 'early': index must be an integer "
+                                 f"or 'select', got {arg!r}") from None
     if not isinstance(spec, dict) or "name" not in spec:
         raise ValueError(f"defense spec must be a name, 'early:<i>' or a dict with 'name': {spec!r}")
     spec = dict(spec)
@@ -418,5 +421,5 @@ def make_defense(spec) -> _Forward:
         spec["readout"] = make_defense(spec["readout"])
     try:
         return DEFENSES[name](**spec)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ValueError(f"bad parameters for defense {name!r}: {e}") from None

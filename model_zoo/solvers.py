@@ -237,7 +237,9 @@ class Solver:
             nstep = nstep + active.long()
             crit = r_full if self.stop_mode == "rel" else a_full
             improved = (crit < lowest) & active
-            lowest = torch.where(improved, crit, lowest)
+            if t == 1:  # z[1] is the first candidate even when its residual is NaN
+                improved = active.clone()
+            lowest = torch.where(improved, torch.nan_to_num(crit, nan=float("inf")), lowest)
             best = torch.where(improved[:, None], z_cur, best)
             best_index = torch.where(improved, torch.full_like(best_index, t), best_index)
             if first is None:
