@@ -286,10 +286,33 @@ def check_input(x, in_channels: int, image_size: Sequence[int]) -> None:
                          f"got values in [{lo:.4g}, {hi:.4g}]")
 
 
-class FEvalCounter:
-    """Per-sample f_theta evaluation counts of one forward: with and without autograd graph."""
+class FEvalTotals:
+    """Cumulative f_theta evaluations of a model over its lifetime, counted in samples (one f
+    call on a batch of b samples adds b). Attacks read differences of it to report their cost."""
 
-    def __init__(self, batch: int, device):
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.nograd, self.grad = 0, 0
+
+    @property
+    def total(self) -> int:
+        return self.nograd + self.grad
+
+    def snapshot(self) -> dict:
+        return {"nograd": self.nograd, "grad": self.grad}
+
+    def __repr__(self):
+        return f"FEvalTotals(nograd={self.nograd}, grad={self.grad})"
+
+
+class FEvalCounter:
+    """Per-sample f_theta evaluation counts of one forward: with and without autograd graph
+    (also added to the model's lifetime ``totals`` when given)."""
+
+    def __init__(self, batch: int, device, totals: Optional[FEvalTotals] = None):
+        self.batch, self.totals = batch, totals
         self.nograd = torch.zeros(batch, dtype=torch.long, device=device)
         self.grad = torch.zeros(batch, dtype=torch.long, device=device)
 
@@ -299,6 +322,12 @@ class FEvalCounter:
             tgt.add_(1)
         else:
             tgt.index_add_(0, idx, torch.ones_like(idx))
+        if self.totals is not None:
+            n = self.batch if idx is None else int(idx.numel())
+            if with_grad:
+                self.totals.grad += n
+            else:
+                self.totals.nograd += n
 
     @property
     def total(self) -> Tensor:
@@ -394,6 +423,7 @@ class MDEQClassifier(nn.Module):
             h, w = (h + 1) // 2, (w + 1) // 2
         self.state_dim = sum(c * h * w for c, h, w in self.branch_shapes)
         self.solver = solver if solver is not None else make_solver("broyden")
+        self.f_evals = FEvalTotals()  # lifetime count of f_theta evaluations (samples)
         if defense is None:
             from .forward import FinalState
             defense = FinalState()
@@ -453,7 +483,7 @@ class MDEQClassifier(nn.Module):
         if check:
             check_input(x, self.in_channels, self.image_size)
         self.reset_weight_norm()
-        counter = counter or FEvalCounter(x.shape[0], x.device)
+        counter = counter or FEvalCounter(x.shape[0], x.device, self.f_evals)
         masks = [blk.drop.sample_mask(x.shape[0], c, x.device, x.dtype)
                  for blk, (c, _, _) in zip(self.cell.blocks, self.branch_shapes)]
         if all(m is None for m in masks):

@@ -442,3 +442,17 @@ def test_not_converging_is_not_an_error(tiny_model):
     assert rec.logits.shape == (B, 10) and torch.isfinite(rec.logits).all()
     assert rec.state_logits.shape == (2, B, 10)
     assert torch.equal(rec.nfev_nograd, torch.full((B,), 3))
+
+
+def test_model_lifetime_f_eval_totals_match_per_forward_counts():
+    import model_zoo as mz
+    torch.manual_seed(0)
+    m = mz.create("deq_tiny_fashion_mnist").eval()
+    x = torch.rand(3, 1, 28, 28)
+    m.f_evals.reset()
+    rec1 = m.run(x)
+    rec2 = m.run(x, defense=mz.EntropyReduction(r=2))
+    assert m.f_evals.nograd == int(rec1.nfev_nograd.sum() + rec2.nfev_nograd.sum())
+    assert m.f_evals.grad == int(rec1.nfev_grad.sum() + rec2.nfev_grad.sum())
+    # FinalState with grad enabled: 9 solver evals without graph, 10 unroll evals with graph
+    assert int(rec1.nfev_nograd.sum()) == 3 * 9 and int(rec1.nfev_grad.sum()) == 3 * 10
