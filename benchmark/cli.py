@@ -89,6 +89,25 @@ def cmd_eval(args):
     return 0
 
 
+def cmd_train(args):
+    from benchmark.train import run_training
+    from model_zoo.train_config import load_train_config
+    from model_zoo.training import TrainingInterrupted
+    cfg = load_train_config(args.config)
+    try:
+        s = run_training(cfg, resume=args.resume, device=args.device, shards=args.shards)
+    except TrainingInterrupted as e:
+        print(f"deqbench: {e}", file=sys.stderr)
+        return 130
+    if s.get("best"):
+        b = s["best"]
+        print(f"\n{cfg.name}: {s['steps']} steps in {s['wall_s']:.0f} s "
+              f"({s['samples_per_s']:.1f} samples/s); best epoch {b['epoch']}: "
+              f"val clean {100 * b['val_clean']:.2f}%, val PGD-10 {100 * b['val_pgd10']:.2f}%")
+    print(f"outputs: {s['out_dir']}/ (best.pt, last.pt, log.csv, summary.json)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deqbench", description="Robustness benchmark for DEQ classifiers")
     sub = p.add_subparsers(dest="command", required=True)
@@ -113,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--device", default="cpu")
     bf.add_argument("--output", default=None, help="write the rows as JSON here")
     bf.set_defaults(func=cmd_bench_forward)
+
+    tr = sub.add_parser("train", help="train a model from a YAML config (torchrun for DDP)")
+    tr.add_argument("config")
+    tr.add_argument("--resume", action="store_true", help="continue from OUTPUT/NAME/last.pt")
+    tr.add_argument("--device", default=None, help="cpu or cuda (default: the config's)")
+    tr.add_argument("--shards", type=int, default=1,
+                    help="micro-batches per process (gradient accumulation)")
+    tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="clean evaluation of one model on a fixed test subset")
     ev.add_argument("--model", required=True)

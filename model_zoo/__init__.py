@@ -5,7 +5,7 @@
 >>> m = model_zoo.create("deq_tiny_fashion_mnist", defense="early:7")
 >>> rec = m.run(x, per_state=True)               # states, per-state logits, entropies, f-evals
 """
-from .forward import (EarlyState, EntropyReduction, FinalState, ForwardRecord, SegmentedSolve,
+from .forward import (EarlyState, EntropyReduction, FinalState, ForwardRecord, RandomIntermediate, SegmentedSolve,
                       make_defense, prediction_entropy)
 from .mdeq import MDEQ_CONFIGS, InputError, MDEQClassifier, MDEQConfig
 from .registry import (CheckpointError, ModelEntry, checkpoint_status, create, get_entry,
@@ -13,7 +13,7 @@ from .registry import (CheckpointError, ModelEntry, checkpoint_status, create, g
 from .solvers import Anderson, Broyden, FixedPoint, Trajectory, make_solver
 
 __all__ = [
-    "EarlyState", "EntropyReduction", "FinalState", "ForwardRecord", "SegmentedSolve",
+    "EarlyState", "EntropyReduction", "FinalState", "ForwardRecord", "RandomIntermediate", "SegmentedSolve",
     "make_defense", "prediction_entropy", "MDEQ_CONFIGS", "InputError", "MDEQClassifier",
     "MDEQConfig", "CheckpointError", "ModelEntry", "checkpoint_status", "create", "get_entry",
     "list_models", "load", "register", "save_checkpoint", "sha256_file", "Anderson", "Broyden",

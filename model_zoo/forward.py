@@ -29,6 +29,7 @@ from torch import Tensor
 from .solvers import Broyden, Trajectory, lift_memory
 
 __all__ = ["ForwardRecord", "FinalState", "EarlyState", "EntropyReduction", "SegmentedSolve",
+           "RandomIntermediate", "implicit_step", "unroll",
            "prediction_entropy", "make_defense", "DEFENSES"]
 
 
@@ -135,26 +136,66 @@ class FinalState(_Forward):
     name = "final"
 
     def __init__(self, steps: int = 9, lam: float = 0.5, first_full: bool = True,
-                 from_state: str = "best"):
+                 from_state: str = "best", gradient: str = "phantom", backward_iter: int = 7):
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
         _check_lam(lam)
         if from_state not in ("best", "last"):
             raise ValueError(f"from_state must be 'best' or 'last', got {from_state!r}")
+        if gradient not in ("phantom", "implicit"):
+            raise ValueError(f"gradient must be 'phantom' or 'implicit', got {gradient!r}")
+        if backward_iter < 1:
+            raise ValueError(f"backward_iter must be >= 1, got {backward_iter}")
         self.steps, self.lam, self.first_full, self.from_state = int(steps), float(lam), bool(first_full), from_state
+        self.gradient, self.backward_iter = gradient, int(backward_iter)
 
     def config(self):
-        return {"name": self.name, "steps": self.steps, "lam": self.lam,
-                "first_full": self.first_full, "from_state": self.from_state}
+        c = {"name": self.name, "steps": self.steps, "lam": self.lam,
+             "first_full": self.first_full, "from_state": self.from_state}
+        if self.gradient != "phantom":
+            c.update(gradient=self.gradient, backward_iter=self.backward_iter)
+        return c
 
     def readout(self, model, traj, ctx_end, x_orig, ctx_orig=None, unroll_ctx=None):
         z = traj.best if self.from_state == "best" else traj.states[-1]
         if not model.solver.keep_graph:
             z = z.detach()
         uctx = unroll_ctx or ctx_end
-        u = unroll(uctx, z, self.steps, self.lam, self.first_full)
+        if self.gradient == "implicit":
+            u = implicit_step(uctx, z, self.backward_iter)
+        else:
+            u = unroll(uctx, z, self.steps, self.lam, self.first_full)
         logits = uctx.head(u)
         return logits, "final", logits
+
+
+def implicit_step(ctx, z_star: Tensor, backward_iter: int = 7) -> Tensor:
+    """f(z*) whose backward applies the implicit-function-theorem gradient
+    (I - J_f(z*)^T)^{-1} g, solved with Broyden for ``backward_iter`` steps (the reference's
+    ``AttackGrad='real'`` / exact-gradient training, B_THRES = 7)."""
+    z_star = z_star.detach()
+    out = ctx.f(z_star.requires_grad_(torch.is_grad_enabled()))
+    if not out.requires_grad:
+        return out
+    z0 = out.detach().requires_grad_(True)
+    with torch.enable_grad():
+        f0 = ctx.f(z0)
+
+    def hook(grad):
+        solver = Broyden(max_iter=backward_iter, eps=1e-6, protect=None)
+        vjp = lambda y, idx=None: _vjp(f0, z0, y, idx) + (grad if idx is None else grad[idx])
+        return solver.solve(vjp, torch.zeros_like(grad)).best
+
+    out.register_hook(hook)
+    return out
+
+
+def _vjp(f0, z0, y, idx):
+    if idx is not None:  # per-sample stopping: vjp of the full batch, then keep the active rows
+        full = torch.zeros_like(z0)
+        full[idx] = y
+        return torch.autograd.grad(f0, z0, full, retain_graph=True)[0][idx]
+    return torch.autograd.grad(f0, z0, y, retain_graph=True)[0]
 
 
 class EarlyState(_Forward):
@@ -391,8 +432,57 @@ class EntropyReduction(_SegmentedDynamics):
         return xc
 
 
+class RandomIntermediate(_Forward):
+    """Sec. 3.3 training forward: the loss is computed from a RANDOM intermediate state.
+
+    Presets:
+      * ``reference`` (the released code, spec 3.6): one k ~ U{1..N} per forward call, shared by
+        the batch; the solver really stops after k steps; the head sees the lowest-residual of
+        z[1..k] after the training unroll (f + ``steps`` damped steps at ``lam``).
+      * ``paper`` (Eq. 10): i ~ U{1..N} per sample and h(z[i]) directly, with the gradient
+        backpropagated through the i solver steps (the only way h(z[i]) trains f).
+    Draws use torch's global generator (seed it for reproducibility). ``last_draw`` holds the
+    draw of the latest call ((1,) for reference, (B,) for paper).
+    """
+    name = "random_intermediate"
+
+    def __init__(self, preset: str = "reference", steps: int = 5, lam: float = 0.5):
+        if preset not in ("reference", "paper"):
+            raise ValueError(f"preset must be 'reference' or 'paper', got {preset!r}")
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        _check_lam(lam)
+        self.preset, self.steps, self.lam = preset, int(steps), float(lam)
+        self.last_draw = None
+
+    def config(self):
+        return {"name": self.name, "preset": self.preset, "steps": self.steps, "lam": self.lam}
+
+    def dynamics(self, model, x, ctx):
+        N = model.solver.max_iter
+        if self.preset == "reference":
+            k = int(torch.randint(1, N + 1, (1,)))
+            self.last_draw = torch.tensor([k])
+            solver = model.solver.with_options(max_iter=k)
+            return solver.solve(ctx.f, model.zero_state(x)), ctx, {"k": k}
+        draw = torch.randint(1, N + 1, (x.shape[0],))
+        self.last_draw = draw
+        solver = model.solver.with_options(max_iter=int(draw.max()), keep_graph=True,
+                                           protect=None)
+        return solver.solve(ctx.f, model.zero_state(x)), ctx, {"i": draw}
+
+    def readout(self, model, traj, ctx_end, x_orig, ctx_orig=None, unroll_ctx=None):
+        if self.preset == "reference":
+            u = unroll(ctx_end, traj.best.detach(), self.steps, self.lam, True)
+            return ctx_end.head(u), f"random z[<= {int(self.last_draw[0])}]", None
+        idx = (self.last_draw - 1).to(traj.best.device)
+        stacked = traj.stacked()
+        z = stacked[idx, torch.arange(stacked.shape[1], device=idx.device)]
+        return ctx_end.head(z), "random z[i] per sample", None
+
+
 DEFENSES = {"final": FinalState, "early": EarlyState, "entropy_reduction": EntropyReduction,
-            "segmented": SegmentedSolve}
+            "segmented": SegmentedSolve, "random_intermediate": RandomIntermediate}
 
 
 def make_defense(spec) -> _Forward:

@@ -1,0 +1,200 @@
+"""Training configuration: one YAML file, validated with errors that name the key and the value."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["TrainConfig", "ConfigError", "load_train_config"]
+
+
+class ConfigError(ValueError):
+    """A configuration value or key the trainer cannot use."""
+
+
+@dataclass
+class DataSection:
+    dataset: str = "fashion_mnist"
+    root: Optional[str] = None
+    val_size: int = 5000             # held-out validation split of the TRAINING set
+    val_seed: int = 0
+    val_n: int = 1000                # validation images used per epoch for selection
+    train_subset: Optional[int] = None   # train on a fixed subset (CPU budgets); None = all
+    augment: bool = True
+    options: dict = field(default_factory=dict)   # dataset options (synthetic only)
+
+
+@dataclass
+class AttackSection:
+    eps: float = 0.1
+    alpha: float = 0.025
+    steps: int = 10
+
+
+@dataclass
+class JacobianSection:
+    weight: float = 0.0              # JAC_LOSS_WEIGHT (paper App. C.2 discusses 0.4 and 2.0)
+    freq: float = 0.02               # probability of a regularised step
+    stop_epoch: Optional[int] = None   # no penalty from this epoch on (reference: 90)
+    vecs: int = 2                    # Hutchinson vectors
+    rand_thres_delta: int = 2        # on regularised steps N += randint(-delta, delta)
+
+
+@dataclass
+class TrainSection:
+    method: str = "pgd_at"           # standard | pgd_at | trades
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    lr_min: float = 1e-6
+    weight_decay: float = 0.0
+    pretrain_steps: int = 0          # explicit weight-tied net z = f^L(0), clean loss
+    pretrain_layers: int = 8
+    gradient: str = "phantom"        # phantom | implicit
+    unroll_steps: int = 5            # phantom: f then this many damped steps
+    unroll_lam: float = 0.5
+    backward_iter: int = 7           # implicit: Broyden steps of the backward solve
+    random_states: Optional[str] = None   # Sec. 3.3: None | reference | paper
+    trades_beta: float = 6.0
+    attack: AttackSection = field(default_factory=AttackSection)
+    jacobian: JacobianSection = field(default_factory=JacobianSection)
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (budgets, tests)
+    init_from: Optional[str] = None  # start from these weights (e.g. a clean-trained model,
+                                     # in place of the reference's long clean pretraining)
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    model: str = "deq_tiny_fashion_mnist"
+    model_overrides: dict = field(default_factory=dict)
+    solver: dict = field(default_factory=dict)     # e.g. {max_iter: 8}
+    seed: int = 0
+    device: str = "cpu"
+    output: str = "runs/train"
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        cfg = _build(cls, d or {}, "")
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        t, a, j, dt = self.train, self.train.attack, self.train.jacobian, self.data
+        _choice("train.method", t.method, ("standard", "pgd_at", "trades"))
+        _choice("train.gradient", t.gradient, ("phantom", "implicit"))
+        _choice("train.random_states", t.random_states, (None, "reference", "paper"))
+        _positive_int("train.epochs", t.epochs)
+        _positive_int("train.batch_size", t.batch_size)
+        _positive_int("train.pretrain_layers", t.pretrain_layers)
+        _positive_int("train.backward_iter", t.backward_iter)
+        _range("train.lr", t.lr, 0, None, open_lo=True)
+        _range("train.lr_min", t.lr_min, 0, t.lr)
+        _range("train.weight_decay", t.weight_decay, 0, None)
+        _range("train.pretrain_steps", t.pretrain_steps, 0, None)
+        _range("train.unroll_steps", t.unroll_steps, 0, None)
+        _range("train.unroll_lam", t.unroll_lam, 0, 1, open_lo=True)
+        _range("train.trades_beta", t.trades_beta, 0, None, open_lo=True)
+        _range("train.attack.eps", a.eps, 0, 1)
+        _range("train.attack.alpha", a.alpha, 0, 1, open_lo=True)
+        _range("train.attack.steps", a.steps, 0, None)
+        _range("train.jacobian.weight", j.weight, 0, None)
+        _range("train.jacobian.freq", j.freq, 0, 1)
+        _positive_int("train.jacobian.vecs", j.vecs)
+        _range("train.jacobian.rand_thres_delta", j.rand_thres_delta, 0, None)
+        if t.max_steps is not None:
+            _positive_int("train.max_steps", t.max_steps)
+        _range("data.val_size", dt.val_size, 1, None)
+        _range("data.val_n", dt.val_n, 1, dt.val_size)
+        if dt.train_subset is not None:
+            _positive_int("data.train_subset", dt.train_subset)
+        if t.random_states and t.gradient == "implicit":
+            raise ConfigError("train.random_states (Sec. 3.3) uses the phantom unroll; "
+                              "set train.gradient: phantom")
+        _range("seed", self.seed, 0, None)
+        if not str(self.device).startswith(("cpu", "cuda")):
+            raise ConfigError(f"device must be 'cpu' or 'cuda[:k]', got {self.device!r}")
+
+
+def _build(cls, d, prefix):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(d).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        where = f" in {prefix}" if prefix else ""
+        raise ConfigError(f"unknown key(s){where}: {', '.join(unknown)}; "
+                          f"allowed: {', '.join(sorted(fields))}")
+    kw = {}
+    for k, v in d.items():
+        f = fields[k]
+        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            kw[k] = _build(sub, v, f"{prefix}{k}.")
+        else:
+            kw[k] = v
+    obj = cls(**kw)
+    for k, v in kw.items():
+        _check_type(f"{prefix}{k}", v, fields[k])
+    return obj
+
+
+def _check_type(key, v, f):
+    t = str(f.type)
+    if v is None:
+        if "Optional" not in t:
+            raise ConfigError(f"{key} must not be null")
+        return
+    t = t.replace("Optional[", "").rstrip("]")
+    if t == "int":
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{key} must be an integer, got {v!r}")
+    elif t == "float":
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {v!r}")
+    elif t == "bool" and not isinstance(v, bool):
+        raise ConfigError(f"{key} must be true or false, got {v!r}")
+    elif t == "str" and not isinstance(v, str):
+        raise ConfigError(f"{key} must be a string, got {v!r}")
+    elif t == "dict" and not isinstance(v, dict):
+        raise ConfigError(f"{key} must be a mapping, got {v!r}")
+
+
+def _choice(key, v, options):
+    if v not in options:
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, options))}; got {v!r}")
+
+
+def _positive_int(key, v):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ConfigError(f"{key} must be a positive integer, got {v!r}")
+
+
+def _range(key, v, lo, hi, open_lo=False):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(f"{key} must be a number, got {v!r}")
+    if (v <= lo if open_lo else v < lo) or (hi is not None and v > hi):
+        lo_s = f"> {lo}" if open_lo else f">= {lo}"
+        hi_s = f" and <= {hi}" if hi is not None else ""
+        raise ConfigError(f"{key} must be {lo_s}{hi_s}, got {v!r}")
+
+
+def load_train_config(path) -> TrainConfig:
+    import yaml
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    try:
+        return TrainConfig.from_dict(d or {})
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
