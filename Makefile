@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deqbench-installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data test test-fast demo bench clean
+.PHONY: setup data test test-fast demo bench zoo clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,16 @@ demo: setup data
 
 bench: setup
 	$(VENV)/bin/deqbench bench forward --model deq_tiny_fashion_mnist --output runs/bench/forward.json
+
+# Re-train and re-publish the shipped Fashion-MNIST zoo (hours on a 2-core CPU; see README).
+ZOO_RUNS := fmnist_deq_tiny_standard fmnist_deq_tiny_pgdat fmnist_deq_tiny_pgdat_sec33 \
+            fmnist_deq_tiny_trades fmnist_deq_tiny_trades_sec33 fmnist_small_cnn_pgdat
+zoo: setup data
+	for r in $(ZOO_RUNS); do \
+	  $(VENV)/bin/deqbench train configs/train/$$r.yaml || exit 1; \
+	  $(VENV)/bin/deqbench zoo publish --run runs/train/$$r --config configs/train/$$r.yaml \
+	    --name $$(echo $$r | sed -e 's/^fmnist_\(.*\)$$/\1/' -e 's/^\(deq_tiny\|small_cnn\)_/\1_fmnist_/') || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache *.egg-info

@@ -49,6 +49,15 @@ def cmd_zoo_show(args):
     return 0
 
 
+def cmd_zoo_publish(args):
+    from benchmark.zoo_publish import publish
+    e = publish(args.run, args.config, args.name, notes=args.notes)
+    t = e["extra"]["test_subset"]
+    print(f"published {e['name']}: {e['checkpoint']} sha256 {e['sha256'][:16]}...; test subset "
+          f"n={t['n']}: clean {100 * t['clean_acc']:.1f}%, PGD-10 {100 * t['pgd10_acc']:.1f}%")
+    return 0
+
+
 def cmd_bench_forward(args):
     from benchmark.bench_forward import bench_forward, format_table
     from benchmark.provenance import provenance
@@ -63,6 +72,22 @@ def cmd_bench_forward(args):
                "provenance": provenance(args.device), "rows": rows}
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(out, indent=2))
+        print(f"\nwrote {args.output}")
+    return 0
+
+
+def cmd_bench_train(args):
+    from benchmark.bench_train import bench_train, format_table
+    from benchmark.provenance import provenance
+    from model_zoo.train_config import load_train_config
+    cfg = load_train_config(args.config)
+    rows = bench_train(cfg, rounds=args.rounds, batch_size=args.batch_size, device=args.device)
+    print(f"\nmodel {cfg.model}, batch {args.batch_size or cfg.train.batch_size}, device {args.device}")
+    print(format_table(rows))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps({"config": cfg.to_dict(), "rows": rows,
+                                                 "provenance": provenance(args.device)}, indent=2))
         print(f"\nwrote {args.output}")
     return 0
 
@@ -120,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     zs.add_argument("name")
     zs.set_defaults(func=cmd_zoo_show)
 
+    zp = zoo.add_parser("publish", help="ship a finished training run as a zoo entry")
+    zp.add_argument("--run", required=True, help="the run folder (with best.pt, log.csv, summary.json)")
+    zp.add_argument("--config", required=True)
+    zp.add_argument("--name", required=True)
+    zp.add_argument("--notes", default="")
+    zp.set_defaults(func=cmd_zoo_publish)
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     bf = bench.add_parser("forward", help="plain forward vs EntropyReduction over Tf x R (Table 10)")
     bf.add_argument("--model", default="deq_tiny_fashion_mnist")
@@ -140,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--shards", type=int, default=1,
                     help="micro-batches per process (gradient accumulation)")
     tr.set_defaults(func=cmd_train)
+
+    bt = bench.add_parser("train", help="training samples/s: PGD-AT / TRADES with and without Sec. 3.3")
+    bt.add_argument("--config", required=True)
+    bt.add_argument("--rounds", type=int, default=3)
+    bt.add_argument("--batch-size", type=int, default=None)
+    bt.add_argument("--device", default="cpu")
+    bt.add_argument("--output", default=None)
+    bt.set_defaults(func=cmd_bench_train)
 
     ev = sub.add_parser("eval", help="clean evaluation of one model on a fixed test subset")
     ev.add_argument("--model", required=True)

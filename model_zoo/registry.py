@@ -22,9 +22,11 @@ from .mdeq import MDEQ_CONFIGS, MDEQClassifier
 from .solvers import Solver, make_solver
 
 __all__ = ["ModelEntry", "register", "create", "load", "list_models", "get_entry",
-           "checkpoint_status", "CheckpointError", "sha256_file", "CHECKPOINT_DIR", "save_checkpoint"]
+           "checkpoint_status", "CheckpointError", "sha256_file", "CHECKPOINT_DIR", "save_checkpoint",
+           "ZOO_FILE", "load_zoo_file"]
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
+ZOO_FILE = CHECKPOINT_DIR / "zoo.json"   # the shipped, trained entries (written by zoo publish)
 
 
 class CheckpointError(RuntimeError):
@@ -249,3 +251,31 @@ register(ModelEntry(name="small_cnn_fashion_mnist",
                     factory=lambda **kw: small_cnn(1, (28, 28), **kw),
                     dataset="fashion_mnist", input_shape=(1, 28, 28), architecture="small_cnn",
                     notes="deep-network baseline for the Fashion-MNIST zoo (untrained)"))
+
+
+def _zoo_factory(base: str, overrides: dict):
+    base_factory = get_entry(base).factory
+
+    def factory(**kw):
+        merged = dict(overrides)
+        merged.update(kw)
+        return base_factory(**merged)
+    return factory
+
+
+def load_zoo_file(path: Path = ZOO_FILE, overwrite: bool = False) -> list:
+    """Register the trained entries listed in ``zoo.json`` (metadata as data)."""
+    import json
+    if not Path(path).is_file():
+        return []
+    names = []
+    for e in json.loads(Path(path).read_text()):
+        e = dict(e)
+        base, overrides = e.pop("base"), e.pop("overrides", {})
+        e["input_shape"] = tuple(e["input_shape"])
+        register(ModelEntry(factory=_zoo_factory(base, overrides), **e), overwrite=overwrite)
+        names.append(e["name"])
+    return names
+
+
+load_zoo_file()

@@ -212,7 +212,7 @@ class Trainer:
             correct += c
         self.opt.step()
         self.sched.step()
-        return {"loss": loss_sum, "correct": correct, "n": sum(len(xs[self.rank * self.shards + k])
+        return {"loss": loss_sum, "correct": correct, "pretrain": int(pretrain), "n": sum(len(xs[self.rank * self.shards + k])
                                                                 for k in range(self.shards))}
 
     # -- validation --------------------------------------------------------------------------------
@@ -313,9 +313,9 @@ class Trainer:
                     break
                 t_ep = time.perf_counter()
                 f0 = self.model.f_evals.snapshot() if self.is_deq else None
-                loss_sum = correct = seen = 0
+                loss_sum = correct = seen = pre_steps = 0
                 if skip and resume_stats is not None:  # the interrupted epoch's running stats
-                    loss_sum, correct, seen = resume_stats
+                    loss_sum, correct, seen, pre_steps = resume_stats
                 bar = tqdm(total=self.steps_per_epoch, initial=skip, disable=not self.progress,
                            desc=f"{cfg.name} epoch {epoch + 1}/{t.epochs}", leave=False)
                 for b, (x, y) in enumerate(self.loader_for_epoch(epoch)):
@@ -327,6 +327,7 @@ class Trainer:
                     step += 1
                     done_steps += 1
                     loss_sum, correct, seen = loss_sum + r["loss"], correct + r["correct"], seen + r["n"]
+                    pre_steps += r["pretrain"]
                     bar.update(1)
                     bar.set_postfix(loss=f"{r['loss'] / max(r['n'], 1):.3f}")
                     if self._stop or (stop_after is not None and done_steps >= stop_after):
@@ -334,7 +335,7 @@ class Trainer:
                         wall = wall0 + time.perf_counter() - t_start
                         if self.rank == 0:
                             st = self._state(epoch, b + 1, step, best, history, wall)
-                            st["epoch_stats"] = [loss_sum, correct, seen]
+                            st["epoch_stats"] = [loss_sum, correct, seen, pre_steps]
                             _atomic_save(st, last)
                         raise TrainingInterrupted(
                             f"interrupted at epoch {epoch + 1}, step {step}; saved {last}; "
@@ -343,7 +344,7 @@ class Trainer:
                 skip = 0
                 row = {"epoch": epoch + 1, "step": step, "lr": self.sched.get_last_lr()[0],
                        "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-                       "pretraining": int(self.is_deq and step <= t.pretrain_steps)}
+                       "pretraining_steps": pre_steps}
                 if self.rank == 0:
                     row.update(self.validate())
                 row["epoch_s"] = time.perf_counter() - t_ep

@@ -198,3 +198,18 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     torch.manual_seed(3)
     init = mz.create("deq_tiny_fashion_mnist", **SMALL).state_dict()
     assert any(not torch.allclose(a[k], init[k]) for k in params)
+
+
+def test_bench_train_counts_and_speedup_fields(tmp_path):
+    from benchmark.bench_train import bench_train
+    rows = bench_train(_cfg(tmp_path), rounds=1, batch_size=4, progress=False)
+    assert [(r["method"], r["sec33"]) for r in rows] == [
+        ("pgd_at", "-"), ("pgd_at", "reference"), ("trades", "-"), ("trades", "reference")]
+    # per training sample, N = 8, unroll 1 + 5: PGD-AT = 10 attack forwards + 1 training forward
+    # of (9 + 6) f evaluations; TRADES = 1 (p(x)) + 10 + 2 training forwards
+    assert rows[0]["f_evals_per_sample"] == 11 * 15
+    assert rows[2]["f_evals_per_sample"] == 13 * 15
+    # Sec. 3.3 (reference) stops the solver at k <= N: never more evaluations than the baseline
+    assert rows[1]["f_evals_per_sample"] <= rows[0]["f_evals_per_sample"]
+    assert rows[3]["f_evals_per_sample"] <= rows[2]["f_evals_per_sample"]
+    assert rows[1]["speedup_vs_base"] > 0 and rows[0]["speedup_vs_base"] == 1.0

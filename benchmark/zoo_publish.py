@@ -1,0 +1,91 @@
+"""``deqbench zoo publish``: turn a finished training run into a shipped zoo entry.
+
+Copies the selected checkpoint (``best.pt``, chosen on the held-out validation split) and its
+training log into ``model_zoo/checkpoints/``, records its SHA-256, evaluates it on a fixed
+test subset (clean and PGD-10 at the final state, the numbers the tests check), and writes the
+entry into ``model_zoo/checkpoints/zoo.json``, which the registry reads at import.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+import model_zoo
+from attacks.pgd import pgd_linf
+from benchmark.data import load_dataset, subset
+from benchmark.provenance import device_description
+from model_zoo.registry import CHECKPOINT_DIR, ZOO_FILE, sha256_file
+from model_zoo.train_config import load_train_config
+
+TEST_N, TEST_SEED = 500, 0
+
+
+def evaluate_test_subset(model, dataset: str, eps: float, alpha: float, n: int = TEST_N,
+                         seed: int = TEST_SEED, batch_size: int = 100, pgd_steps: int = 10) -> dict:
+    """Clean and PGD-``pgd_steps`` accuracy of the model's forward on a fixed test subset."""
+    ds = subset(load_dataset(dataset, "test"), n, seed=seed)
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    clean = adv = 0
+    for s in range(0, len(ds), batch_size):
+        x, y = ds.images[s:s + batch_size], ds.labels[s:s + batch_size]
+        with torch.no_grad():
+            clean += int((model(x).argmax(-1) == y).sum())
+        if pgd_steps:
+            adv += int(pgd_linf(model, x, y, eps, alpha, pgd_steps, generator=gen).correct.sum())
+    return {"n": len(ds), "seed": seed, "clean_acc": clean / len(ds),
+            f"pgd{pgd_steps}_acc": adv / len(ds) if pgd_steps else None}
+
+
+def publish(run_dir, config_path, name: str, notes: str = "") -> dict:
+    run_dir, cfg = Path(run_dir), load_train_config(config_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    best = run_dir / "best.pt"
+    CHECKPOINT_DIR.mkdir(parents=True, exist_ok=True)
+    ckpt, log = CHECKPOINT_DIR / f"{name}.pt", CHECKPOINT_DIR / f"{name}.log.csv"
+    # Store weights only (no optimizer state) to keep the shipped files small.
+    sd = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    meta = torch.load(best, map_location="cpu", weights_only=True)["meta"]
+    torch.save({"state_dict": sd, "meta": {"name": name, "selection": meta.get("selection")}}, ckpt)
+    shutil.copyfile(run_dir / "log.csv", log)
+    base = model_zoo.get_entry(cfg.model)
+    t = cfg.train
+    training = t.method + (f"+sec33[{t.random_states}]" if t.random_states else "")
+    overrides = dict(cfg.model_overrides)
+    if cfg.solver:
+        overrides["solver"] = {"name": "broyden", **cfg.solver}
+    entry = {
+        "name": name, "base": cfg.model, "overrides": overrides, "dataset": base.dataset,
+        "input_shape": list(base.input_shape), "num_classes": base.num_classes,
+        "architecture": base.architecture, "training": training, "threat_model": "Linf",
+        "eps": t.attack.eps, "checkpoint": ckpt.name, "sha256": sha256_file(ckpt),
+        "paper": base.paper, "venue": base.venue, "defense": "final",
+        "notes": notes,
+        "extra": {
+            "config": str(Path(config_path)), "command": f"deqbench train {config_path}",
+            "log": log.name, "epochs": t.epochs, "steps": summary["steps"],
+            "train_samples": summary["train_samples"],
+            "train_subset": cfg.data.train_subset, "init_from": t.init_from,
+            "selection": summary["best"], "wall_s": summary["wall_s"],
+            "samples_per_s": summary["samples_per_s"],
+            "hardware": summary["provenance"]["device"],
+            "git_commit": summary["provenance"]["git_commit"],
+            "budget": ("reduced (CPU): " + (f"{cfg.data.train_subset} training images, " if cfg.data.train_subset else "")
+                       + f"{t.epochs} epochs" + (f", initialised from {t.init_from}" if t.init_from else "")),
+        },
+    }
+    entries = json.loads(ZOO_FILE.read_text()) if ZOO_FILE.is_file() else []
+    entries = [e for e in entries if e["name"] != name] + [entry]
+    ZOO_FILE.write_text(json.dumps(entries, indent=1) + "\n")
+    model_zoo.registry.load_zoo_file(overwrite=True)
+    model = model_zoo.load(name)
+    entry["extra"]["test_subset"] = evaluate_test_subset(model, base.dataset, t.attack.eps,
+                                                         t.attack.alpha)
+    entry["extra"]["test_hardware"] = device_description("cpu")
+    entries = [e for e in entries if e["name"] != name] + [entry]
+    ZOO_FILE.write_text(json.dumps(sorted(entries, key=lambda e: e["name"]), indent=1) + "\n")
+    model_zoo.registry.load_zoo_file(overwrite=True)
+    return entry
