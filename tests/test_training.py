@@ -205,10 +205,10 @@ def test_bench_train_counts_and_speedup_fields(tmp_path):
     rows = bench_train(_cfg(tmp_path), rounds=1, batch_size=4, progress=False)
     assert [(r["method"], r["sec33"]) for r in rows] == [
         ("pgd_at", "-"), ("pgd_at", "reference"), ("trades", "-"), ("trades", "reference")]
-    # per training sample, N = 8, unroll 1 + 5: PGD-AT = 10 attack forwards + 1 training forward
-    # of (9 + 6) f evaluations; TRADES = 1 (p(x)) + 10 + 2 training forwards
-    assert rows[0]["f_evals_per_sample"] == 11 * 15
-    assert rows[2]["f_evals_per_sample"] == 13 * 15
+    # per training sample, N = 8, unroll 1 + 5, attack steps = 2 (the _cfg): PGD-AT = 2 attack
+    # forwards + 1 training forward of (9 + 6) f evaluations; TRADES = 1 (p(x)) + 2 + 2
+    assert rows[0]["f_evals_per_sample"] == 3 * 15
+    assert rows[2]["f_evals_per_sample"] == 5 * 15
     # Sec. 3.3 (reference) stops the solver at k <= N: never more evaluations than the baseline
     assert rows[1]["f_evals_per_sample"] <= rows[0]["f_evals_per_sample"]
     assert rows[3]["f_evals_per_sample"] <= rows[2]["f_evals_per_sample"]

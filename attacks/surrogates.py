@@ -1,0 +1,238 @@
+"""Gradient sources (surrogates) for attacking DEQs, and the straight-through wrapper that judges
+success on the reported forward.
+
+A DEQ's reported forward is often not differentiable w.r.t. its input (``EarlyState(i)`` reads a
+detached solver iterate; ``EntropyReduction`` purifies the input with inner gradient steps). An
+attack therefore takes its gradient from a *surrogate* and its success criterion from the
+*reported* forward. :class:`JudgedModule` fuses the two into one module:
+``reported.detach() + surrogate - surrogate.detach()`` -- its output equals the reported logits
+exactly, its input-gradient is the surrogate's -- so AutoAttack, torchattacks and our PGD all
+select, early-stop and count successes on the model being reported (spec section 8 item 3).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from model_zoo.forward import EarlyState, EntropyReduction, FinalState, _Forward, unroll
+
+__all__ = ["GradientSource", "UnrolledIntermediate", "PhantomFinal", "ImplicitFinal",
+           "FullBackprop", "BPDAPurification", "DefendedTrajectory", "Undefended",
+           "JudgedModule", "make_surrogate", "grid_settings"]
+
+
+class GradientSource:
+    """Produces logits whose input-gradient drives an attack. ``logits(model, x)``: (B, C)."""
+    name = "base"
+
+    def logits(self, model, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        return {"name": self.name}
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config().items() if k != 'name')})"
+
+
+class UnrolledIntermediate(GradientSource):
+    """Eq. (11): solve without gradient to z[i], unroll ``ka`` damped steps
+    z <- (1 - lam) z + lam f(z; x) with gradient, logits h(z[i + ka]).
+
+    ``preset='reference'`` adds the released code's extra full f step before the unroll (spec
+    5.1; the code's 0-based k is our i - 1); ``'paper'`` follows Eq. (11) exactly.
+    """
+    name = "unrolled_intermediate"
+
+    def __init__(self, i: int, ka: int, lam: float, preset: str = "reference"):
+        if not isinstance(i, int) or i < 1:
+            raise ValueError(f"i must be an integer >= 1, got {i!r}")
+        if not isinstance(ka, int) or ka < 1:
+            raise ValueError(f"ka must be an integer >= 1, got {ka!r}")
+        if not 0 < lam <= 1:
+            raise ValueError(f"lam must be in (0, 1], got {lam!r}")
+        if preset not in ("reference", "paper"):
+            raise ValueError(f"preset must be 'reference' or 'paper', got {preset!r}")
+        self.i, self.ka, self.lam, self.preset = i, ka, float(lam), preset
+
+    def config(self):
+        return {"name": self.name, "i": self.i, "ka": self.ka, "lam": self.lam, "preset": self.preset}
+
+    def check(self, model):
+        if self.i > model.solver.max_iter:
+            raise ValueError(f"i={self.i} exceeds the solver's N={model.solver.max_iter}")
+
+    def logits(self, model, x):
+        self.check(model)
+        ctx = model.context(x)
+        traj = model.solver.with_options(max_iter=self.i, keep_graph=False).solve(
+            ctx.f, model.zero_state(x))
+        z = traj.state(self.i).detach()
+        u = unroll(ctx, z, self.ka, self.lam, first_full=self.preset == "reference")
+        return ctx.head(u)
+
+
+class _ForwardSource(GradientSource):
+    def __init__(self, forward: _Forward):
+        self.forward = forward
+
+    def config(self):
+        return {"name": self.name, "forward": self.forward.config()}
+
+    def logits(self, model, x):
+        return model.run(x, defense=self.forward).logits
+
+
+class PhantomFinal(_ForwardSource):
+    """The ready-made phantom gradient at the final state (Table 2's "FINAL"): f + 9 damped
+    steps at 0.5 after the solve (the reference's ``AttackGrad='unroll'``)."""
+    name = "phantom_final"
+
+    def __init__(self, steps: int = 9, lam: float = 0.5):
+        super().__init__(FinalState(steps=steps, lam=lam))
+
+
+class ImplicitFinal(_ForwardSource):
+    """The exact implicit (IFT) gradient at the final state (``AttackGrad='real'``)."""
+    name = "implicit_final"
+
+    def __init__(self, backward_iter: int = 30):
+        super().__init__(FinalState(steps=0, gradient="implicit", backward_iter=backward_iter))
+
+
+class FullBackprop(GradientSource):
+    """Backpropagation through the whole unrolled solve (the solver keeps its graph), read out
+    at ``readout`` (default: the raw last iterate z[N] via ``EarlyState(N)``)."""
+    name = "full_backprop"
+
+    def __init__(self, readout: Optional[_Forward] = None):
+        self.readout = readout
+
+    def config(self):
+        return {"name": self.name, "readout": None if self.readout is None else self.readout.config()}
+
+    def logits(self, model, x):
+        saved = model.solver
+        model.solver = saved.with_options(keep_graph=True, protect=None)
+        try:
+            fwd = self.readout or EarlyState(saved.max_iter)
+            return model.run(x, defense=fwd).logits
+        finally:
+            model.solver = saved
+
+
+def _defended_unroll(model, x, defense: EntropyReduction, i: Optional[int], ka: int, lam: float,
+                     bpda: bool):
+    with torch.no_grad():
+        rec = model.run(x.detach(), defense=defense)
+    traj = rec.trajectory
+    z = (traj.best if i is None else traj.state(i)).detach()
+    # BPDA: the purified input is used forward, the purification counts as identity backward.
+    x_in = x + (rec.x_used - x).detach() if bpda else x
+    ctx = model.context(x_in, check=False)
+    return ctx.head(unroll(ctx, z, ka, lam, first_full=True))
+
+
+class BPDAPurification(GradientSource):
+    """For ``EntropyReduction``: the defended trajectory forward, the input purification treated
+    as the identity backward (Athalye et al. 2018); gradient through an unroll from the defended
+    state z[i] (``i=None``: its final state) injected with the purified input."""
+    name = "bpda_purification"
+
+    def __init__(self, defense: EntropyReduction, i: Optional[int] = None, ka: int = 9,
+                 lam: float = 0.5):
+        self.defense, self.i, self.ka, self.lam = defense, i, ka, lam
+
+    def config(self):
+        return {"name": self.name, "defense": self.defense.config(), "i": self.i, "ka": self.ka,
+                "lam": self.lam}
+
+    def logits(self, model, x):
+        return _defended_unroll(model, x, self.defense, self.i, self.ka, self.lam, bpda=True)
+
+
+class DefendedTrajectory(BPDAPurification):
+    """For ``EntropyReduction``: the unrolled surrogate evaluated on the DEFENDED trajectory
+    (the state is the defended iterate, the injection the attacked input; what the reference's
+    AutoAttack wiring did, spec 5.3)."""
+    name = "defended_trajectory"
+
+    def logits(self, model, x):
+        return _defended_unroll(model, x, self.defense, self.i, self.ka, self.lam, bpda=False)
+
+
+class Undefended(GradientSource):
+    """Transfer from the undefended model: any surrogate computed with the plain solve."""
+    name = "undefended"
+
+    def __init__(self, inner: GradientSource):
+        self.inner = inner
+
+    def config(self):
+        return {"name": self.name, "inner": self.inner.config()}
+
+    def logits(self, model, x):
+        return self.inner.logits(model, x)
+
+
+class JudgedModule(nn.Module):
+    """The module every attack sees: output = the REPORTED forward's logits (exactly), input
+    gradient = the surrogate's (straight-through). For non-DEQ models both are the model.
+
+    ``counts``: f_theta evaluations the module has spent (samples), from the model's totals.
+    """
+
+    def __init__(self, model, reported: Optional[_Forward] = None,
+                 surrogate: Optional[GradientSource] = None):
+        super().__init__()
+        self.model = model
+        self.is_deq = getattr(model, "is_deq", False)
+        self.reported = reported if reported is not None else getattr(model, "defense", None)
+        self.surrogate = surrogate
+
+    def reported_logits(self, x: Tensor) -> Tensor:
+        if not self.is_deq:
+            return self.model(x)
+        with torch.no_grad():
+            return self.model.run(x.detach(), defense=self.reported).logits
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.is_deq:
+            return self.model(x)
+        r = self.reported_logits(x)
+        if self.surrogate is None or not (torch.is_grad_enabled() and x.requires_grad):
+            return r
+        s = self.surrogate.logits(self.model, x)
+        return r + (s - s.detach())
+
+    def config(self) -> dict:
+        return {"reported": None if self.reported is None else self.reported.config(),
+                "surrogate": None if self.surrogate is None else self.surrogate.config()}
+
+
+def grid_settings(n: int = 8, kas=range(1, 10), lams=(0.5, 1.0), preset: str = "reference"):
+    """The (i, Ka, lambda) grid of the paper: i in 1..N, Ka in 1..9, lambda in {0.5, 1}
+    (144 settings for N = 8)."""
+    return [UnrolledIntermediate(i, ka, lam, preset) for lam in lams for i in range(1, n + 1)
+            for ka in kas]
+
+
+def make_surrogate(spec) -> GradientSource:
+    """'phantom_final', 'implicit_final', 'full_backprop', or 'ui:i,ka,lam[,preset]'."""
+    if isinstance(spec, GradientSource):
+        return spec
+    if not isinstance(spec, str):
+        raise ValueError(f"surrogate spec must be a string, got {spec!r}")
+    if spec.startswith("ui:"):
+        parts = spec[3:].split(",")
+        if len(parts) not in (3, 4):
+            raise ValueError(f"'ui:i,ka,lam[,preset]' expected, got {spec!r}")
+        return UnrolledIntermediate(int(parts[0]), int(parts[1]), float(parts[2]),
+                                    *(parts[3:] or []))
+    table = {"phantom_final": PhantomFinal, "implicit_final": ImplicitFinal,
+             "full_backprop": FullBackprop}
+    if spec not in table:
+        raise ValueError(f"unknown surrogate {spec!r}; choose one of {sorted(table)} or 'ui:i,ka,lam'")
+    return table[spec]()
