@@ -58,10 +58,6 @@ class BroydenMemory:
     z: Tensor
     gx: Tensor
 
-    def detach(self) -> "BroydenMemory":
-        return BroydenMemory(self.U.detach(), self.VT.detach(), self.n, self.dx.detach(),
-                             self.dg.detach(), self.z.detach(), self.gx.detach())
-
 
 @dataclass
 class Trajectory:
