@@ -181,29 +181,54 @@ class JudgedModule(nn.Module):
     """The module every attack sees: output = the REPORTED forward's logits (exactly), input
     gradient = the surrogate's (straight-through). For non-DEQ models both are the model.
 
-    ``counts``: f_theta evaluations the module has spent (samples), from the model's totals.
+    ``fused=True`` (default): when the surrogate is :class:`UnrolledIntermediate` and the
+    reported forward is a plain solve (``FinalState`` / ``EarlyState``), ONE no-grad solve to N
+    serves both -- the reported readout and the surrogate's z[i] (spec section 8 item 1) --
+    saving i f_theta evaluations per call; the numbers are the same as unfused.
     """
 
     def __init__(self, model, reported: Optional[_Forward] = None,
-                 surrogate: Optional[GradientSource] = None):
+                 surrogate: Optional[GradientSource] = None, fused: bool = True):
         super().__init__()
         self.model = model
         self.is_deq = getattr(model, "is_deq", False)
         self.reported = reported if reported is not None else getattr(model, "defense", None)
         self.surrogate = surrogate
+        self.fused = bool(fused)
+        if isinstance(surrogate, UnrolledIntermediate) and self.is_deq:
+            surrogate.check(model)
 
     def reported_logits(self, x: Tensor) -> Tensor:
         if not self.is_deq:
-            return self.model(x)
+            with torch.no_grad():
+                return self.model(x.detach())
         with torch.no_grad():
             return self.model.run(x.detach(), defense=self.reported).logits
+
+    def _can_fuse(self) -> bool:
+        return (self.fused and isinstance(self.surrogate, UnrolledIntermediate)
+                and type(self.reported) in (FinalState, EarlyState)
+                and getattr(self.reported, "gradient", "phantom") == "phantom"
+                and not self.model.solver.keep_graph)
+
+    def _fused(self, x: Tensor) -> Tensor:
+        model, src = self.model, self.surrogate
+        ctx = model.context(x)
+        with torch.no_grad():
+            traj = model.solver.solve(ctx.f, model.zero_state(x))
+            r = self.reported.readout(model, traj, ctx, x)[0]
+        z = traj.state(src.i).detach()
+        s = ctx.head(unroll(ctx, z, src.ka, src.lam, first_full=src.preset == "reference"))
+        return r + (s - s.detach())
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.is_deq:
             return self.model(x)
-        r = self.reported_logits(x)
         if self.surrogate is None or not (torch.is_grad_enabled() and x.requires_grad):
-            return r
+            return self.reported_logits(x)
+        if self._can_fuse():
+            return self._fused(x)
+        r = self.reported_logits(x)
         s = self.surrogate.logits(self.model, x)
         return r + (s - s.detach())
 

@@ -114,6 +114,61 @@ def cmd_eval(args):
     return 0
 
 
+def _write_json(path, obj):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(obj, indent=1, default=str))
+
+
+def cmd_attack(args):
+    from benchmark.attack_run import run_attack
+    budget = {}
+    for kv in args.aa_budget or []:
+        k, _, v = kv.partition("=")
+        budget[k] = int(v)
+    ta = {}
+    for kv in args.ta_arg or []:
+        k, _, v = kv.partition("=")
+        ta[k] = float(v) if "." in v or "e" in v else int(v)
+    res = run_attack(args.model, args.attack, checkpoint=args.checkpoint, defense=args.defense,
+                     n=args.n, seed=args.seed, eps=args.eps, alpha=args.alpha, steps=args.steps,
+                     surrogate=args.surrogate, mode=args.mode, kas=args.kas, lams=args.lams,
+                     aa_attacks=args.aa_attacks, aa_budget=budget or None, ta_kwargs=ta,
+                     batch_size=args.batch_size, device=args.device, dataset=args.dataset,
+                     root=args.data_root, download=args.download,
+                     allow_untrained=args.allow_untrained)
+    s, a = res["summary"], res["attack"]
+    print(f"\n{args.model} ({json.dumps(res['reported'])}) on {res['dataset']['name']} "
+          f"test subset n={s['n']} (seed {args.seed})")
+    print(f"  attack: {args.attack}  eps={a.get('eps')}  budget={a.get('budget', 'standard')}  "
+          f"surrogate={json.dumps(a.get('surrogate'))}")
+    print(f"  robust accuracy (judged on the reported forward): {100 * s['robust_accuracy']:.2f}%")
+    for k in ("per_attack", "cumulative"):
+        if k in s:
+            print(f"  {k}: " + ", ".join(f"{n}: {100 * v:.1f}%" for n, v in s[k].items()))
+    if "grid" in res and res["grid"]["min_over_means"] is not None:
+        print(f"  min over per-setting means: {100 * res['grid']['min_over_means']:.2f}%")
+    print(f"  f evaluations / example: {s['nfev_per_example']:,.0f}; wall {s['wall_s']:.1f} s")
+    if args.output:
+        _write_json(args.output, res)
+        print(f"  per-example record: {args.output}")
+    return 0
+
+
+def cmd_bench_grid(args):
+    from benchmark.attack_run import bench_grid, format_grid_table
+    res = bench_grid(args.model, checkpoint=args.checkpoint, defense=args.defense, n=args.n,
+                     seed=args.seed, modes=args.modes.split(","), kas=args.kas, lams=args.lams,
+                     batch_size=args.batch_size, device=args.device,
+                     allow_untrained=args.allow_untrained)
+    print(f"\nmodel {args.model}, reported {json.dumps(res['reported'])}, eps {res['eps']}, "
+          f"n {args.n}, device {args.device}")
+    print(format_grid_table(res))
+    if args.output:
+        _write_json(args.output, res)
+        print(f"\nwrote {args.output}")
+    return 0
+
+
 def cmd_train(args):
     from benchmark.train import run_training
     from model_zoo.train_config import load_train_config
@@ -196,6 +251,51 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--allow-untrained", action="store_true")
     ev.add_argument("--output", default=None, help="write the per-example record (JSON) here")
     ev.set_defaults(func=cmd_eval)
+
+    at = sub.add_parser("attack", help="attack one model/defense; per-example records (JSON)")
+    at.add_argument("--model", required=True)
+    at.add_argument("--checkpoint", default=None)
+    at.add_argument("--defense", default=None, help="'final', 'early:7', 'entropy_reduction', ...")
+    at.add_argument("--attack", default="pgd",
+                    help="pgd | grid | autoattack | adaptive | torchattacks:NAME")
+    at.add_argument("--surrogate", default=None,
+                    help="gradient source: phantom_final (default), implicit_final, full_backprop, "
+                         "ui:i,ka,lam[,preset]")
+    at.add_argument("--eps", type=float, default=None, help="default: the model's threat model")
+    at.add_argument("--alpha", type=float, default=None, help="PGD step (default eps/4)")
+    at.add_argument("--steps", type=int, default=10)
+    at.add_argument("--mode", default="efficient", choices=["efficient", "full", "naive"])
+    at.add_argument("--kas", default="1-9")
+    at.add_argument("--lams", default="0.5,1")
+    at.add_argument("--aa-attacks", default="apgd-ce,apgd-t,fab-t,square")
+    at.add_argument("--aa-budget", nargs="*", metavar="KEY=INT",
+                    help="reduced AutoAttack budget, e.g. apgd_n_iter=20 square_n_queries=500")
+    at.add_argument("--ta-arg", nargs="*", metavar="KEY=VALUE", help="torchattacks kwargs")
+    at.add_argument("--n", type=int, default=100)
+    at.add_argument("--seed", type=int, default=0)
+    at.add_argument("--batch-size", type=int, default=100)
+    at.add_argument("--device", default="cpu")
+    at.add_argument("--dataset", default=None)
+    at.add_argument("--data-root", default=None)
+    at.add_argument("--download", action="store_true")
+    at.add_argument("--allow-untrained", action="store_true")
+    at.add_argument("--output", default=None)
+    at.set_defaults(func=cmd_attack)
+
+    bg = bench.add_parser("grid", help="(i, Ka, lambda) grid worst case: efficient vs reference protocol")
+    bg.add_argument("--model", default="deq_tiny_fmnist_pgdat")
+    bg.add_argument("--checkpoint", default=None)
+    bg.add_argument("--defense", default=None)
+    bg.add_argument("--n", type=int, default=32)
+    bg.add_argument("--seed", type=int, default=0)
+    bg.add_argument("--modes", default="efficient,naive")
+    bg.add_argument("--kas", default="1-9")
+    bg.add_argument("--lams", default="0.5,1")
+    bg.add_argument("--batch-size", type=int, default=100)
+    bg.add_argument("--device", default="cpu")
+    bg.add_argument("--allow-untrained", action="store_true")
+    bg.add_argument("--output", default=None)
+    bg.set_defaults(func=cmd_bench_grid)
     return p
 
 

@@ -1,0 +1,734 @@
+"""Attacks judged on the reported forward, with per-example outcomes and costs.
+
+Every attack here sees one :class:`~attacks.surrogates.JudgedModule` (output = the reported
+forward's logits, input-gradient = the surrogate's) and returns an :class:`AttackOutcome`:
+per example the final adversarial example (verified to lie in the eps-ball and in [0, 1]), whether
+the REPORTED forward classifies it correctly (re-scored after the attack), the reported margin
+logit_y - max_{j != y} logit_j, which attacks/settings broke it, and the f_theta evaluations spent.
+
+* :func:`pgd_attack` -- l_inf PGD (Madry et al.) with per-example early stopping.
+* :func:`grid_attack` -- the paper's (i, Ka, lambda) grid: per-setting accuracy ("min over means",
+  Figs. 3a/5, Table 8) and the per-example worst case; ``mode='efficient'`` stops attacking a
+  point once it is broken, ``'full'`` runs every setting on every point, ``'naive'`` mimics the
+  reference protocol (separate surrogate and reported solves, no early stop).
+* :func:`autoattack_attack` -- APGD-CE, APGD-T, FAB-T, Square from ``pyautoattack`` alone or as
+  the standard ensemble (each attack only on the points still robust), per-attack outcomes.
+* :func:`torchattacks_attack` -- any ``torchattacks`` attack through the same wrapper.
+* :func:`transfer_matrix` -- adversarial examples of each source evaluated on every target.
+* :func:`obfuscation_flags` -- the gradient-obfuscation indicators of Athalye/Carlini/Croce.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .pgd import check_linf_ball
+from .surrogates import GradientSource, JudgedModule, UnrolledIntermediate, grid_settings
+
+__all__ = ["AttackOutcome", "GridOutcome", "FEvalMeter", "reported_margin", "rescore",
+           "pgd_attack", "grid_attack", "autoattack_attack", "torchattacks_attack",
+           "transfer_matrix", "obfuscation_flags", "AUTOATTACK_NAMES", "AA_STANDARD_BUDGET",
+           "setting_name", "derive_seed"]
+
+AUTOATTACK_NAMES = ("apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr", "fab")
+# pyautoattack's version='standard' knobs (Croce & Hein 2020) for l_inf.
+AA_STANDARD_BUDGET = {"apgd_n_iter": 100, "apgd_n_restarts": 1, "apgd_t_n_target_classes": 9,
+                      "fab_n_iter": 100, "fab_n_target_classes": 9, "square_n_queries": 5000}
+
+
+def derive_seed(seed: int, *parts) -> int:
+    """A stable 63-bit seed from ``seed`` and any labels (same across processes and runs)."""
+    h = hashlib.sha256(repr((int(seed),) + tuple(parts)).encode()).digest()
+    return int.from_bytes(h[:8], "little") & (2 ** 63 - 1)
+
+
+def setting_name(source) -> str:
+    """Short name of a gradient source, e.g. 'ui(i=3,ka=5,lam=0.5)'."""
+    if isinstance(source, UnrolledIntermediate):
+        tag = "" if source.preset == "reference" else ",paper"
+        return f"ui(i={source.i},ka={source.ka},lam={source.lam:g}{tag})"
+    return getattr(source, "name", type(source).__name__)
+
+
+class FEvalMeter:
+    """Attributes f_theta evaluations of a model (its lifetime ``f_evals`` totals, counted in
+    samples) to the examples being processed: ``with meter.on(idx): ...`` adds the evaluations
+    spent inside the block, split evenly over ``idx``. Non-DEQ models count forward queries
+    only (``queries``: calls of the judged module per example)."""
+
+    def __init__(self, model, n: int, device="cpu"):
+        self.totals = getattr(model, "f_evals", None)
+        self.nograd = torch.zeros(n, dtype=torch.float64)
+        self.grad = torch.zeros(n, dtype=torch.float64)
+        self.queries = torch.zeros(n, dtype=torch.float64)
+
+    class _Block:
+        def __init__(self, meter, idx, queries):
+            self.meter, self.idx, self.q = meter, idx.detach().cpu(), queries
+
+        def __enter__(self):
+            t = self.meter.totals
+            self.start = (t.nograd, t.grad) if t is not None else (0, 0)
+            return self
+
+        def __exit__(self, *exc):
+            m, t = self.meter, self.meter.totals
+            k = max(len(self.idx), 1)
+            if t is not None:
+                m.nograd[self.idx] += (t.nograd - self.start[0]) / k
+                m.grad[self.idx] += (t.grad - self.start[1]) / k
+            m.queries[self.idx] += self.q
+            return False
+
+    def on(self, idx: Tensor, queries: float = 1.0):
+        return FEvalMeter._Block(self, idx, queries)
+
+    @property
+    def total(self) -> Tensor:
+        return self.nograd + self.grad
+
+    @property
+    def f_equivalents(self) -> Tensor:
+        """nograd + 3 x grad: a forward f with graph plus its backward (~2 F), the convention of
+        the reference arithmetic (spec section 7 item 14)."""
+        return self.nograd + 3 * self.grad
+
+
+def reported_margin(logits: Tensor, y: Tensor) -> Tensor:
+    """logit_y - max_{j != y} logit_j (negative = misclassified)."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.clone()
+    other.scatter_(1, y[:, None], float("-inf"))
+    return true - other.max(1).values
+
+
+def _batched_reported(judged: JudgedModule, x: Tensor, batch_size: int) -> Tensor:
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(x), batch_size):
+            out.append(judged.reported_logits(x[s:s + batch_size]))
+    return torch.cat(out) if out else x.new_zeros(0, 0)
+
+
+def rescore(judged: JudgedModule, x_adv: Tensor, x: Tensor, y: Tensor, eps: float,
+            meter: Optional[FEvalMeter] = None, idx: Optional[Tensor] = None,
+            batch_size: int = 256):
+    """Verify the eps-ball and [0, 1] (ValueError on any violation) and judge ``x_adv`` on the
+    reported forward. Returns (correct (B,) bool, margin (B,) float)."""
+    check_linf_ball(x_adv, x, eps)
+    if len(x) == 0:
+        return torch.zeros(0, dtype=torch.bool, device=x.device), x.new_zeros(0)
+    idx = torch.arange(len(x)) if idx is None else idx
+    if meter is not None:
+        with meter.on(idx):
+            logits = _batched_reported(judged, x_adv, batch_size)
+    else:
+        logits = _batched_reported(judged, x_adv, batch_size)
+    return logits.argmax(-1) == y, reported_margin(logits.float(), y)
+
+
+@dataclass
+class AttackOutcome:
+    """Per-example result of one attack (or of a worst case over several).
+
+    x_adv (B, ...) final adversarial examples; correct (B,) bool judged on the reported forward
+    at x_adv (clean-misclassified points are never robust); margin (B,) reported margin at x_adv;
+    broken_by: per example, the names of the attacks/settings that broke it ('clean' for points
+    misclassified without attack); nfev_nograd / nfev_grad (B,) f_theta evaluations spent on each
+    example (for library attacks: the batch total split evenly); queries (B,) judged-module
+    calls; config: the attack's full configuration (seed, budget label, surrogate, reported).
+    """
+    name: str
+    x_adv: Tensor
+    correct: Tensor
+    margin: Tensor
+    broken_by: list
+    nfev_nograd: Tensor
+    nfev_grad: Tensor
+    queries: Tensor
+    config: dict
+    wall_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.correct.double().mean()) if len(self.correct) else float("nan")
+
+    @property
+    def nfev(self) -> Tensor:
+        return self.nfev_nograd + self.nfev_grad
+
+    @property
+    def f_equivalents(self) -> Tensor:
+        return self.nfev_nograd + 3 * self.nfev_grad
+
+    def records(self, indices: Optional[Sequence[int]] = None) -> list:
+        """One dict per example (the primary record; aggregates are derived from these)."""
+        n = len(self.correct)
+        indices = list(range(n)) if indices is None else list(indices)
+        return [{"example": int(indices[b]), "attack": self.name,
+                 "correct": bool(self.correct[b]), "margin": float(self.margin[b]),
+                 "broken_by": list(self.broken_by[b]),
+                 "nfev_nograd": float(self.nfev_nograd[b]), "nfev_grad": float(self.nfev_grad[b]),
+                 "queries": float(self.queries[b])} for b in range(n)]
+
+
+def _outcome(name, x_adv, correct, margin, broken_by, meter, config, t0, extra=None):
+    return AttackOutcome(name=name, x_adv=x_adv.detach(), correct=correct.detach().cpu(),
+                         margin=margin.detach().float().cpu(), broken_by=broken_by,
+                         nfev_nograd=meter.nograd.clone(), nfev_grad=meter.grad.clone(),
+                         queries=meter.queries.clone(), config=config,
+                         wall_s=time.perf_counter() - t0, extra=extra or {})
+
+
+def _check_eps(eps, alpha=None, steps=None):
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if alpha is not None and (not math.isfinite(alpha) or alpha <= 0):
+        raise ValueError(f"step size alpha must be > 0, got {alpha!r}")
+    if steps is not None and (int(steps) != steps or steps < 0):
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+
+
+def _uniform_noise(shape, seed: int, device, dtype) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(shape, generator=gen).to(device, dtype)
+
+
+def _clean_correct(judged, x, y, meter, batch_size):
+    with meter.on(torch.arange(len(x))):
+        logits = _batched_reported(judged, x, batch_size)
+    return logits.argmax(-1) == y, logits
+
+
+# ---------------------------------------------------------------------------------------------
+# PGD
+# ---------------------------------------------------------------------------------------------
+
+def _pgd_core(judged, x, y, eps, alpha, steps, start: Tensor, early_stop: bool,
+              meter: FEvalMeter, idx_global: Tensor):
+    """PGD iterations from ``start`` on every row; returns the final iterates and a (B,) bool
+    of rows stopped early because the reported forward misclassified their current iterate."""
+    x_adv = start.clone()
+    stopped = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    for _ in range(steps):
+        act = (~stopped).nonzero().flatten()
+        if len(act) == 0:
+            break
+        xv = x_adv[act].clone().requires_grad_(True)
+        with meter.on(idx_global[act.cpu()]):
+            with torch.enable_grad():
+                out = judged(xv)
+                loss = F.cross_entropy(out, y[act], reduction="sum")
+                (g,) = torch.autograd.grad(loss, xv)
+        move = torch.ones(len(act), dtype=torch.bool, device=x.device)
+        if early_stop:  # ``out`` IS the reported forward at the current iterate
+            broken = out.detach().argmax(-1) != y[act]
+            stopped[act[broken]] = True
+            move = ~broken
+        a = act[move]
+        step = x_adv[a] + alpha * g[move].sign()
+        x_adv[a] = torch.min(torch.max(step, x[a] - eps), x[a] + eps).clamp(0, 1)
+    return x_adv, stopped
+
+
+def pgd_attack(judged: JudgedModule, x: Tensor, y: Tensor, eps: float, alpha: float,
+               steps: int = 10, random_start: bool = True, seed: int = 0,
+               early_stop: bool = True, clean_correct: Optional[Tensor] = None,
+               batch_size: int = 256, name: str = "pgd", budget: str = "standard") -> AttackOutcome:
+    """l_inf PGD on ``judged``: ``steps`` steps x <- clip(Proj_eps(x + alpha sign(grad CE))) from a
+    uniform random start (noise drawn per example from ``seed``: batch-composition invariant).
+
+    ``early_stop``: a point whose current iterate the reported forward misclassifies is frozen
+    there (its adversarial example); otherwise PGD returns the last iterate. Either way the
+    returned examples are checked and re-scored on the reported forward.
+    """
+    _check_eps(eps, alpha, steps)
+    t0 = time.perf_counter()
+    x, y = x.detach(), y.detach()
+    n = len(x)
+    meter = FEvalMeter(judged.model, n)
+    if clean_correct is None:
+        clean_correct, _ = _clean_correct(judged, x, y, meter, batch_size)
+    noise = _uniform_noise(x.shape, seed, x.device, x.dtype)
+    start = (x + (2 * noise - 1) * eps).clamp(0, 1) if random_start else x.clone()
+    x_adv = x.clone()
+    todo = clean_correct.nonzero().flatten()
+    for s in range(0, len(todo), batch_size):
+        b = todo[s:s + batch_size]
+        x_adv[b], _ = _pgd_core(judged, x[b], y[b], eps, alpha, steps, start[b], early_stop,
+                                meter, b.cpu())
+    correct, margin = rescore(judged, x_adv, x, y, eps, meter, batch_size=batch_size)
+    correct &= clean_correct
+    broken_by = [[] if c else (["clean"] if not cc else [name])
+                 for c, cc in zip(correct.tolist(), clean_correct.tolist())]
+    config = {"attack": "pgd", "norm": "Linf", "eps": eps, "alpha": alpha, "steps": steps,
+              "random_start": random_start, "seed": seed, "early_stop": early_stop,
+              "budget": budget, **judged.config()}
+    return _outcome(name, x_adv, correct, margin, broken_by, meter, config, t0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The (i, Ka, lambda) grid
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class GridOutcome:
+    """The grid: ``per_setting[s]`` (B,) int8: 1 robust, 0 broken, -1 not attacked (efficient
+    mode skips points already broken); ``worst`` the per-example worst case over all settings
+    (an AttackOutcome whose broken_by lists the settings that broke each point)."""
+    settings: list
+    per_setting: Tensor
+    worst: AttackOutcome
+    mode: str
+
+    @property
+    def setting_accuracy(self) -> Optional[list]:
+        """Per-setting accuracy (the paper's figures/tables); None in efficient mode."""
+        if (self.per_setting < 0).any():
+            return None
+        return self.per_setting.double().mean(1).tolist()
+
+    @property
+    def min_over_means(self) -> Optional[float]:
+        acc = self.setting_accuracy
+        return None if acc is None else min(acc)
+
+    @property
+    def worst_case_accuracy(self) -> float:
+        return self.worst.accuracy
+
+
+def grid_attack(model, reported, x: Tensor, y: Tensor, eps: float, alpha: float,
+                steps: int = 10, settings: Optional[Sequence[GradientSource]] = None,
+                mode: str = "efficient", seed: int = 0, random_start: bool = True,
+                batch_size: int = 256, progress: bool = False, budget: str = "standard"
+                ) -> GridOutcome:
+    """PGD-``steps`` with every gradient source in ``settings`` (default: the paper's 144
+    (i, Ka, lambda) settings for the model's N), judged on ``reported``.
+
+    mode: 'efficient' -- stop attacking a point once any setting (or any PGD iterate) breaks it;
+    'full' -- every setting on every clean-correct point (early stop within PGD only; per-setting
+    tables); 'naive' -- the reference protocol: separate solves for surrogate and reported
+    forward, no early stop, a point judged at the last iterate. Random starts depend only on
+    (seed, setting, example), so all modes use the same noise.
+    """
+    if mode not in ("efficient", "full", "naive"):
+        raise ValueError(f"mode must be 'efficient', 'full' or 'naive', got {mode!r}")
+    _check_eps(eps, alpha, steps)
+    if settings is None:
+        settings = grid_settings(model.solver.max_iter)
+    settings = list(settings)
+    if not settings:
+        raise ValueError("empty settings list")
+    for s in settings:
+        if isinstance(s, UnrolledIntermediate):
+            s.check(model)
+    t0 = time.perf_counter()
+    x, y = x.detach(), y.detach()
+    n, S = len(x), len(settings)
+    meter = FEvalMeter(model, n)
+    base = JudgedModule(model, reported)
+    clean_correct, _ = _clean_correct(base, x, y, meter, batch_size)
+    per = torch.full((S, n), -1, dtype=torch.int8)
+    per[:, ~clean_correct.cpu()] = 0
+    margin = torch.full((n,), float("inf"))
+    x_adv = x.clone()
+    robust = clean_correct.clone()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=S, desc=f"grid ({mode})", leave=False)
+    for si, src in enumerate(settings):
+        judged = JudgedModule(model, reported, src, fused=mode != "naive")
+        todo = (robust if mode == "efficient" else clean_correct).nonzero().flatten()
+        noise = _uniform_noise(x.shape, derive_seed(seed, "grid", si), x.device, x.dtype)
+        start = (x + (2 * noise - 1) * eps).clamp(0, 1) if random_start else x.clone()
+        for s in range(0, len(todo), batch_size):
+            b = todo[s:s + batch_size]
+            xa, _ = _pgd_core(judged, x[b], y[b], eps, alpha, steps, start[b],
+                              mode != "naive", meter, b.cpu())
+            c, m = rescore(judged, xa, x[b], y[b], eps, meter, b.cpu(), batch_size)
+            per[si, b.cpu()] = c.to(torch.int8).cpu()
+            bc = b.cpu()
+            mc, mm = margin[bc], m.cpu().float()
+            was = robust[b].cpu()
+            # x_adv of a point: the first setting that broke it; while robust, its lowest margin
+            upd = (was & ~c.cpu()) | (was & c.cpu() & (mm < mc))
+            x_adv[b[upd.to(b.device)]] = xa[upd.to(xa.device)]
+            margin[bc] = torch.where(upd, mm, mc)
+            robust[b] &= c
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(robust=f"{float(robust.double().mean()):.3f}")
+    if bar is not None:
+        bar.close()
+    # Re-score the per-example worst-case adversarial examples (the lowest-margin one for points
+    # still robust, the first breaking one otherwise) on the reported forward.
+    correct, final_margin = rescore(base, x_adv, x, y, eps, meter, batch_size=batch_size)
+    if bool((correct & ~robust).any()):
+        # A point broken during the grid but correct when re-scored: nondeterministic forward.
+        raise RuntimeError("re-scoring the worst-case adversarial examples disagrees with the "
+                           "grid's judgement: the reported forward is not deterministic")
+    correct &= robust
+    names = [setting_name(s) for s in settings]
+    broken_by = []
+    for b in range(n):
+        if not bool(clean_correct[b]):
+            broken_by.append(["clean"])
+        else:
+            broken_by.append([names[si] for si in range(S) if per[si, b] == 0])
+    config = {"attack": "grid", "mode": mode, "norm": "Linf", "eps": eps, "alpha": alpha,
+              "steps": steps, "random_start": random_start, "seed": seed, "budget": budget,
+              "settings": [s.config() for s in settings], **base.config()}
+    worst = _outcome(f"grid_{mode}", x_adv, correct, final_margin, broken_by, meter, config, t0)
+    return GridOutcome(settings=names, per_setting=per, worst=worst, mode=mode)
+
+
+# ---------------------------------------------------------------------------------------------
+# AutoAttack (pyautoattack) and torchattacks
+# ---------------------------------------------------------------------------------------------
+
+def _autoattack_runner(judged, eps, seed, budget: dict, device):
+    from pyautoattack import AutoAttack  # the maintained AutoAttack package (import name differs)
+
+    aa = AutoAttack(judged, norm="Linf", eps=eps, version="standard", seed=seed, device=device)
+    aa.apgd.n_iter = budget["apgd_n_iter"]
+    aa.apgd.n_restarts = budget["apgd_n_restarts"]
+    aa.apgd_targeted.n_iter = budget["apgd_n_iter"]
+    aa.apgd_targeted.n_target_classes = budget["apgd_t_n_target_classes"]
+    aa.fab.n_iter = budget["fab_n_iter"]
+    aa.fab.n_target_classes = budget["fab_n_target_classes"]
+    aa.square.n_queries = budget["square_n_queries"]
+    aa.apgd.verbose = aa.apgd_targeted.verbose = aa.fab.verbose = aa.square.verbose = False
+
+    def run(name, xb, yb):
+        # The same dispatch as AutoAttack.run_standard_evaluation, without its input checks
+        # (they cost 5+ forwards per call and trace the process) and with OUR success judgement.
+        if name in ("apgd-ce", "apgd-dlr"):
+            aa.apgd.loss = "ce" if name == "apgd-ce" else "dlr"
+            aa.apgd.seed = seed
+            return aa.apgd.perturb(xb, yb)
+        if name == "apgd-t":
+            aa.apgd_targeted.seed = seed
+            return aa.apgd_targeted.perturb(xb, yb)
+        if name in ("fab", "fab-t"):
+            aa.fab.targeted = name == "fab-t"
+            aa.fab.n_restarts = 1
+            aa.fab.seed = seed
+            return aa.fab.perturb(xb, yb)
+        if name == "square":
+            aa.square.seed = seed
+            return aa.square.perturb(xb, yb)
+        raise ValueError(name)
+    return run
+
+
+def autoattack_attack(judged: JudgedModule, x: Tensor, y: Tensor, eps: float,
+                      attacks: Sequence[str] = ("apgd-ce", "apgd-t", "fab-t", "square"),
+                      budget: Optional[dict] = None, seed: int = 0, batch_size: int = 256,
+                      ensemble: bool = True, progress: bool = False) -> AttackOutcome:
+    """AutoAttack's attacks (pyautoattack) on ``judged``.
+
+    ``ensemble=True``: the standard sequence -- each attack runs only on the points every earlier
+    attack left robust (judged on the reported forward after each attack); ``False``: each attack
+    on every clean-correct point (per-attack robust accuracy, ``extra['per_attack']``).
+    ``budget``: knobs of :data:`AA_STANDARD_BUDGET`; any change labels the record 'reduced'.
+    Returns the worst case over the attacks; ``broken_by`` names the attack(s) that broke a point.
+    """
+    _check_eps(eps)
+    attacks = list(attacks)
+    bad = [a for a in attacks if a not in AUTOATTACK_NAMES]
+    if bad or not attacks:
+        raise ValueError(f"unknown AutoAttack attack(s) {bad}; choose from {list(AUTOATTACK_NAMES)}")
+    full_budget = dict(AA_STANDARD_BUDGET)
+    for k, v in (budget or {}).items():
+        if k not in full_budget:
+            raise ValueError(f"unknown AutoAttack budget key {k!r}; known: {sorted(full_budget)}")
+        if int(v) != v or v < 1:
+            raise ValueError(f"AutoAttack budget {k} must be a positive integer, got {v!r}")
+        full_budget[k] = int(v)
+    label = "standard" if full_budget == AA_STANDARD_BUDGET else "reduced"
+    t0 = time.perf_counter()
+    x, y = x.detach(), y.detach()
+    n = len(x)
+    judged.eval()
+    meter = FEvalMeter(judged.model, n)
+    clean_correct, clean_logits = _clean_correct(judged, x, y, meter, batch_size)
+    run = _autoattack_runner(judged, eps, seed, full_budget, x.device)
+    robust = clean_correct.clone()
+    x_adv = x.clone()
+    margin = reported_margin(clean_logits.float(), y).cpu()
+    broken_by = [[] if c else ["clean"] for c in clean_correct.tolist()]
+    per_attack = {}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(attacks), desc="autoattack", leave=False)
+    for name in attacks:
+        todo = (robust if ensemble else clean_correct).nonzero().flatten()
+        acc_att = clean_correct.clone()
+        for s in range(0, len(todo), batch_size):
+            b = todo[s:s + batch_size]
+            with meter.on(b.cpu()):
+                xa = run(name, x[b].clone(), y[b].clone()).detach()
+            c, m = rescore(judged, xa, x[b], y[b], eps, meter, b.cpu(), batch_size)
+            acc_att[b] = c
+            for j in (~c).nonzero().flatten().tolist():
+                broken_by[int(b[j])].append(name)
+            upd = robust[b] & (~c | (m.to(margin.device) < margin[b.cpu()]).to(c.device))
+            x_adv[b[upd]] = xa[upd]
+            margin[b.cpu()] = torch.where(upd.cpu(), m.cpu(), margin[b.cpu()])
+            robust[b] &= c
+        per_attack[name] = float(acc_att.double().mean()) if ensemble is False else \
+            float(robust.double().mean())
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    correct, final_margin = rescore(judged, x_adv, x, y, eps, meter, batch_size=batch_size)
+    correct &= robust
+    judged.eval()
+    config = {"attack": "autoattack", "attacks": attacks, "ensemble": ensemble, "norm": "Linf",
+              "eps": eps, "seed": seed, "budget": label, "budget_knobs": full_budget,
+              "library": "pyautoattack", **judged.config()}
+    key = "per_attack" if not ensemble else "cumulative"
+    return _outcome("autoattack" if ensemble else "autoattack_individual", x_adv, correct,
+                    final_margin, broken_by, meter, config, t0, {key: per_attack})
+
+
+def torchattacks_attack(judged: JudgedModule, x: Tensor, y: Tensor, eps: float, name: str,
+                        seed: int = 0, batch_size: int = 256, **kwargs) -> AttackOutcome:
+    """Any ``torchattacks`` attack class (e.g. 'PGD', 'APGD', 'Square', 'EOTPGD') built on
+    ``judged`` with ``eps`` and ``kwargs``; outcomes judged on the reported forward."""
+    import torchattacks
+
+    _check_eps(eps)
+    cls = getattr(torchattacks, name, None)
+    if cls is None or not isinstance(cls, type) or not issubclass(cls, torchattacks.attack.Attack):
+        raise ValueError(f"unknown torchattacks attack {name!r}")
+    t0 = time.perf_counter()
+    x, y = x.detach(), y.detach()
+    judged.eval()
+    meter = FEvalMeter(judged.model, len(x))
+    clean_correct, _ = _clean_correct(judged, x, y, meter, batch_size)
+    atk = cls(judged, eps=eps, **kwargs)
+    atk.set_model_training_mode(model_training=False)
+    x_adv = x.clone()
+    todo = clean_correct.nonzero().flatten()
+    torch.manual_seed(seed)  # torchattacks draws its random starts from the global generator
+    for s in range(0, len(todo), batch_size):
+        b = todo[s:s + batch_size]
+        with meter.on(b.cpu()):
+            x_adv[b] = atk(x[b], y[b]).detach()
+        judged.eval()  # torchattacks 3.5.1 may leave the model in train mode (library-facts)
+    correct, margin = rescore(judged, x_adv, x, y, eps, meter, batch_size=batch_size)
+    correct &= clean_correct
+    label = f"torchattacks.{name}"
+    broken_by = [[] if c else (["clean"] if not cc else [label])
+                 for c, cc in zip(correct.tolist(), clean_correct.tolist())]
+    config = {"attack": label, "eps": eps, "seed": seed, "kwargs": dict(kwargs),
+              "library": "torchattacks", **judged.config()}
+    return _outcome(label, x_adv, correct, margin, broken_by, meter, config, t0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transfer
+# ---------------------------------------------------------------------------------------------
+
+def transfer_matrix(sources: dict, targets: dict, x: Tensor, y: Tensor, eps: float,
+                    batch_size: int = 256):
+    """Adversarial examples crafted on each source, evaluated on every target.
+
+    sources: {name: AttackOutcome or callable(x, y) -> AttackOutcome}; targets: {name:
+    JudgedModule} (only the reported forward is used). Returns (accuracy {src: {tgt: acc}},
+    per-example {src: {tgt: (B,) bool}}). A target counts a point robust only if it classifies
+    both the clean input and the source's adversarial example correctly, so when source and
+    target are the same (model, defense), the entry equals the source's own attack accuracy.
+    """
+    _check_eps(eps)
+    acc, per = {}, {}
+    clean = {}
+    for tname, judged in targets.items():
+        clean[tname] = _batched_reported(judged, x, batch_size).argmax(-1) == y
+    for sname, src in sources.items():
+        out = src if isinstance(src, AttackOutcome) else src(x, y)
+        check_linf_ball(out.x_adv, x, eps)
+        acc[sname], per[sname] = {}, {}
+        for tname, judged in targets.items():
+            c = (_batched_reported(judged, out.x_adv, batch_size).argmax(-1) == y) & clean[tname]
+            per[sname][tname] = c.cpu()
+            acc[sname][tname] = float(c.double().mean())
+    return acc, per
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient-obfuscation indicators
+# ---------------------------------------------------------------------------------------------
+
+def obfuscation_flags(white_box: dict, black_box: Optional[dict] = None,
+                      iterations: Optional[dict] = None, large_eps: Optional[float] = None,
+                      clean_agreement: Optional[float] = None, tol: float = 0.01) -> dict:
+    """Indicators of gradient obfuscation (Athalye et al. 2018; Carlini et al. 2019), each a
+    flag plus the numbers behind it.
+
+    white_box / black_box: {attack name: robust accuracy}; iterations: {steps or restarts:
+    robust accuracy} of one attack at growing budgets; large_eps: robust accuracy of a white-box
+    attack at a large eps (should be ~0); clean_agreement: fraction of clean inputs on which the
+    surrogate's and the reported forward's predictions agree.
+    """
+    flags = {}
+    wb = min(white_box.values()) if white_box else None
+    if black_box and wb is not None:
+        bb = min(black_box.values())
+        flags["black_box_stronger"] = {"flag": bb < wb - tol, "black_box": bb, "white_box": wb}
+    if iterations and len(iterations) >= 2:
+        ks = sorted(iterations)
+        accs = [iterations[k] for k in ks]
+        rising = any(b > a + tol for a, b in zip(accs, accs[1:]))
+        flags["more_iterations_raise_accuracy"] = {"flag": rising,
+                                                   "accuracy": dict(zip(map(str, ks), accs))}
+    if large_eps is not None:
+        flags["large_eps_not_zero"] = {"flag": large_eps > 0.05, "accuracy": large_eps}
+    if clean_agreement is not None:
+        flags["surrogate_disagrees_on_clean"] = {"flag": clean_agreement < 0.9,
+                                                 "agreement": clean_agreement}
+    flags["any"] = any(v["flag"] for v in flags.values() if isinstance(v, dict))
+    return flags
+
+
+def surrogate_agreement(judged: JudgedModule, x: Tensor, batch_size: int = 256) -> float:
+    """Fraction of inputs where the surrogate's and the reported forward's predictions agree."""
+    if judged.surrogate is None or not judged.is_deq:
+        return 1.0
+    agree = 0
+    with torch.no_grad():
+        for s in range(0, len(x), batch_size):
+            xb = x[s:s + batch_size]
+            r = judged.reported_logits(xb).argmax(-1)
+            g = judged.surrogate.logits(judged.model, xb).argmax(-1)
+            agree += int((r == g).sum())
+    return agree / max(len(x), 1)
+
+
+__all__.append("surrogate_agreement")
+
+
+# ---------------------------------------------------------------------------------------------
+# Adaptive attacks on the Sec. 3.2 test-time defense (Croce et al. 2022)
+# ---------------------------------------------------------------------------------------------
+
+def adaptive_attacks(model, reported, x: Tensor, y: Tensor, eps: float, alpha: float,
+                     steps: int = 10, seed: int = 0, ka: int = 9, lam: float = 0.5,
+                     i: Optional[int] = None, batch_size: int = 256, budget: str = "standard"
+                     ) -> AttackOutcome:
+    """The per-example worst case over the adaptive attacks on an ``EntropyReduction`` forward:
+    (a) PGD with BPDA through the purification, (b) PGD with the unrolled surrogate on the
+    defended trajectory, (c) transfer: PGD against the undefended model (the defense's readout
+    on the plain solve, phantom gradient), judged on the defended forward. Every attack is
+    judged on ``reported``; ``extra['per_attack']`` holds each one's accuracy."""
+    from model_zoo.forward import EntropyReduction, FinalState
+    from .surrogates import BPDAPurification, DefendedTrajectory, PhantomFinal, Undefended
+
+    if not isinstance(reported, EntropyReduction):
+        raise ValueError("adaptive_attacks is for EntropyReduction forwards; use pgd_attack or "
+                         "grid_attack for plain forwards")
+    t0 = time.perf_counter()
+    parts = {
+        "bpda": pgd_attack(JudgedModule(model, reported, BPDAPurification(reported, i, ka, lam)),
+                           x, y, eps, alpha, steps, seed=derive_seed(seed, "bpda"),
+                           batch_size=batch_size, name="pgd_bpda", budget=budget),
+        "defended_trajectory": pgd_attack(
+            JudgedModule(model, reported, DefendedTrajectory(reported, i, ka, lam)), x, y, eps,
+            alpha, steps, seed=derive_seed(seed, "defended"), batch_size=batch_size,
+            name="pgd_defended_trajectory", budget=budget),
+    }
+    plain = reported.inner if isinstance(reported.inner, FinalState) else FinalState()
+    src = JudgedModule(model, plain, Undefended(PhantomFinal()))
+    tr = pgd_attack(src, x, y, eps, alpha, steps, seed=derive_seed(seed, "transfer"),
+                    batch_size=batch_size, name="transfer_undefended", budget=budget)
+    target = JudgedModule(model, reported)
+    meter = FEvalMeter(model, len(x))
+    c, m = rescore(target, tr.x_adv, x, y, eps, meter, batch_size=batch_size)
+    clean_ok, _ = _clean_correct(target, x, y, meter, batch_size)
+    c &= clean_ok
+    tr = AttackOutcome("transfer_undefended", tr.x_adv, c.cpu(), m.cpu(),
+                       [[] if cc else ["transfer_undefended"] for cc in c.tolist()],
+                       tr.nfev_nograd + meter.nograd, tr.nfev_grad + meter.grad,
+                       tr.queries + meter.queries, {**tr.config, "judged_on": reported.config()},
+                       tr.wall_s)
+    parts["transfer_undefended"] = tr
+    return worst_case(list(parts.values()), x, name="adaptive",
+                      config={"attack": "adaptive", "eps": eps, "alpha": alpha, "steps": steps,
+                              "seed": seed, "budget": budget, "reported": reported.config(),
+                              "members": [p.config for p in parts.values()]}, t0=t0)
+
+
+def worst_case(outcomes: Sequence[AttackOutcome], x: Tensor, name: str = "worst_case",
+               config: Optional[dict] = None, t0: Optional[float] = None) -> AttackOutcome:
+    """Per-example worst case over attacks on the SAME examples and reported forward: a point is
+    robust only if every attack left it correctly classified; its x_adv is a breaking example if
+    any, else the lowest-margin one. Costs add up."""
+    if not outcomes:
+        raise ValueError("worst_case needs at least one outcome")
+    n = len(outcomes[0].correct)
+    if any(len(o.correct) != n for o in outcomes):
+        raise ValueError("outcomes cover different numbers of examples")
+    correct = torch.ones(n, dtype=torch.bool)
+    margin = torch.full((n,), float("inf"))
+    x_adv = x.clone()
+    broken = [[] for _ in range(n)]
+    for o in outcomes:
+        better = (o.margin < margin) & correct | (~o.correct & correct)
+        x_adv[better.to(x.device)] = o.x_adv[better.to(o.x_adv.device)]
+        margin = torch.where(better, o.margin, margin)
+        correct &= o.correct
+        for b in range(n):
+            broken[b].extend(v for v in o.broken_by[b] if v not in broken[b])
+    return AttackOutcome(name, x_adv, correct, margin, broken,
+                         sum(o.nfev_nograd for o in outcomes), sum(o.nfev_grad for o in outcomes),
+                         sum(o.queries for o in outcomes),
+                         config or {"attack": name, "members": [o.config for o in outcomes]},
+                         (time.perf_counter() - t0) if t0 else sum(o.wall_s for o in outcomes),
+                         {"per_attack": {o.name: o.accuracy for o in outcomes}})
+
+
+__all__ += ["adaptive_attacks", "worst_case"]
+
+
+def run_obfuscation_checks(model, reported, surrogate, x: Tensor, y: Tensor, eps: float,
+                           alpha: float, steps: int = 10, seed: int = 0,
+                           square_queries: int = 1000, large_eps: Optional[float] = None,
+                           batch_size: int = 256) -> dict:
+    """Run the attacks behind :func:`obfuscation_flags` and return the flags with their numbers:
+    PGD-``steps`` and PGD-``2 steps`` (more iterations must not help the defense), Square with
+    ``square_queries`` (black-box must not beat white-box), PGD at ``large_eps`` (default
+    min(1, 5 eps): accuracy should reach ~0), and surrogate/reported agreement on clean inputs."""
+    judged = JudgedModule(model, reported, surrogate)
+    large_eps = min(1.0, 5 * eps) if large_eps is None else large_eps
+    pgd1 = pgd_attack(judged, x, y, eps, alpha, steps, seed=seed, batch_size=batch_size)
+    pgd2 = pgd_attack(judged, x, y, eps, alpha, 2 * steps, seed=seed, batch_size=batch_size)
+    sq = autoattack_attack(judged, x, y, eps, attacks=["square"],
+                           budget={"square_n_queries": square_queries}, seed=seed,
+                           batch_size=batch_size)
+    big = pgd_attack(judged, x, y, large_eps, large_eps / 4, 2 * steps, seed=seed,
+                     batch_size=batch_size)
+    agree = surrogate_agreement(judged, x, batch_size)
+    flags = obfuscation_flags({f"pgd{steps}": pgd1.accuracy, f"pgd{2 * steps}": pgd2.accuracy},
+                              {f"square{square_queries}": sq.accuracy},
+                              {steps: pgd1.accuracy, 2 * steps: pgd2.accuracy},
+                              large_eps=big.accuracy, clean_agreement=agree)
+    flags["settings"] = {"eps": eps, "alpha": alpha, "steps": steps, "seed": seed,
+                         "square_queries": square_queries, "large_eps": large_eps,
+                         "n": len(x), **judged.config()}
+    return flags
+
+
+__all__.append("run_obfuscation_checks")
