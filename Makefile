@@ -47,7 +47,7 @@ bench: setup
 # Re-train and re-publish the shipped Fashion-MNIST zoo (hours on a 2-core CPU; see README).
 # fmnist_deq_tiny_standard (3 clean epochs) is the starting point of the adversarially trained
 # DEQs and is not published itself; each other run is published under the name after ':'.
-ZOO_RUNS := fmnist_deq_tiny_standard6:deq_tiny_fmnist_standard \
+ZOO_RUNS := fmnist_deq_tiny_standard_ft:deq_tiny_fmnist_standard \
             fmnist_deq_tiny_pgdat:deq_tiny_fmnist_pgdat \
             fmnist_deq_tiny_pgdat_sec33:deq_tiny_fmnist_pgdat_sec33 \
             fmnist_deq_tiny_trades:deq_tiny_fmnist_trades \

@@ -1,0 +1,167 @@
+"""The per-example results database of a run (SQLite, one file per run folder).
+
+Tables
+------
+``meta``     key -> JSON value: config, config hash, seeds, package versions, git commit,
+             device, start/end time.
+``units``    one row per finished work unit (model, defense, attack, shard of examples): its id,
+             wall time and configuration. A unit's records and its ``units`` row are written in
+             ONE transaction, so a run killed at any moment (SIGKILL included) has either all
+             of a unit or none of it; a restarted run skips finished units.
+``records``  one row per (model, defense, attack, setting, example): correct, margin, the
+             evaluated state, entropies and residuals (JSON, clean passes), f_theta evaluations
+             (without / with graph), wall time (the unit's, split evenly), unit id.
+
+Aggregates (accuracies, worst cases, tables, figures) are always derived from ``records``
+with pandas (:func:`ResultsDB.records_frame`); nothing re-attacks to draw a plot.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Iterable, Optional
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS units (
+    unit_id TEXT PRIMARY KEY, model TEXT NOT NULL, defense TEXT NOT NULL, attack TEXT NOT NULL,
+    shard TEXT NOT NULL, n_examples INTEGER NOT NULL, wall_s REAL, finished REAL,
+    rank INTEGER, config TEXT);
+CREATE TABLE IF NOT EXISTS records (
+    model TEXT NOT NULL, defense TEXT NOT NULL, attack TEXT NOT NULL, setting TEXT NOT NULL,
+    example INTEGER NOT NULL, label INTEGER, correct INTEGER NOT NULL, margin REAL,
+    state TEXT, entropies TEXT, residuals TEXT, nfev_nograd REAL, nfev_grad REAL,
+    wall_s REAL, unit_id TEXT NOT NULL, extra TEXT,
+    PRIMARY KEY (model, defense, attack, setting, example));
+CREATE INDEX IF NOT EXISTS records_by_attack ON records (model, defense, attack);
+"""
+
+RECORD_FIELDS = ("model", "defense", "attack", "setting", "example", "label", "correct", "margin",
+                 "state", "entropies", "residuals", "nfev_nograd", "nfev_grad", "wall_s",
+                 "unit_id", "extra")
+
+
+class ResultsDB:
+    """A run's SQLite database (``path``, created if missing). Safe to open from several
+    processes one after another; each process should hold its own file when running in
+    parallel (see :func:`merge`)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.executescript(SCHEMA)
+
+    def close(self):
+        self.conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    # -- metadata -------------------------------------------------------------------------------
+    def set_meta(self, key: str, value) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value, default=str)))
+
+    def get_meta(self, key: str, default=None):
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def meta(self) -> dict:
+        return {k: json.loads(v) for k, v in self.conn.execute("SELECT key, value FROM meta")}
+
+    # -- work units -----------------------------------------------------------------------------
+    def done_units(self) -> set:
+        return {r[0] for r in self.conn.execute("SELECT unit_id FROM units")}
+
+    def is_done(self, unit_id: str) -> bool:
+        return self.conn.execute("SELECT 1 FROM units WHERE unit_id = ?", (unit_id,)).fetchone() is not None
+
+    def commit_unit(self, unit_id: str, model: str, defense: str, attack: str, shard: str,
+                    records: Iterable[dict], wall_s: float, config: Optional[dict] = None,
+                    rank: int = 0) -> int:
+        """Write a unit's records and mark it finished, atomically. Returns the record count.
+        Committing a unit that is already finished is an error (nothing is counted twice)."""
+        rows = []
+        for r in records:
+            row = dict(r)
+            for k in ("entropies", "residuals", "extra"):
+                if row.get(k) is not None and not isinstance(row[k], str):
+                    row[k] = json.dumps(row[k])
+            row.setdefault("model", model)
+            row.setdefault("defense", defense)
+            row.setdefault("attack", attack)
+            row["unit_id"] = unit_id
+            rows.append(tuple(row.get(f) for f in RECORD_FIELDS))
+        cur = self.conn.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            if cur.execute("SELECT 1 FROM units WHERE unit_id = ?", (unit_id,)).fetchone():
+                raise RuntimeError(f"work unit {unit_id!r} is already in the database")
+            cur.executemany(f"INSERT INTO records ({', '.join(RECORD_FIELDS)}) VALUES "
+                            f"({', '.join('?' * len(RECORD_FIELDS))})", rows)
+            cur.execute("INSERT INTO units VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (unit_id, model, defense, attack, shard, len(rows), wall_s, time.time(),
+                         rank, json.dumps(config or {}, default=str)))
+            cur.execute("COMMIT")
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        return len(rows)
+
+    # -- reading --------------------------------------------------------------------------------
+    def records_frame(self, **where):
+        """All records (optionally filtered by column equality) as a pandas DataFrame."""
+        import pandas as pd
+        sql = "SELECT * FROM records"
+        if where:
+            sql += " WHERE " + " AND ".join(f"{k} = ?" for k in where)
+        return pd.read_sql_query(sql, self.conn, params=tuple(where.values()))
+
+    def units_frame(self):
+        import pandas as pd
+        return pd.read_sql_query("SELECT * FROM units", self.conn)
+
+    def count(self, table: str = "records") -> int:
+        if table not in ("records", "units", "meta"):
+            raise ValueError(table)
+        return self.conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+
+
+def merge(target, sources: Iterable) -> int:
+    """Merge the units and records of shard databases ``sources`` into ``target`` (units already
+    present are skipped). Returns the number of units added."""
+    added = 0
+    with ResultsDB(target) as dst:
+        have = dst.done_units()
+        for src in sources:
+            with ResultsDB(src) as s:
+                for k, v in s.meta().items():
+                    if dst.get_meta(k) is None:
+                        dst.set_meta(k, v)
+                units = s.conn.execute("SELECT * FROM units").fetchall()
+                for u in units:
+                    if u[0] in have:
+                        continue
+                    recs = s.conn.execute(f"SELECT {', '.join(RECORD_FIELDS)} FROM records "
+                                          "WHERE unit_id = ?", (u[0],)).fetchall()
+                    cur = dst.conn.cursor()
+                    cur.execute("BEGIN IMMEDIATE")
+                    try:
+                        cur.executemany(f"INSERT INTO records ({', '.join(RECORD_FIELDS)}) VALUES "
+                                        f"({', '.join('?' * len(RECORD_FIELDS))})", recs)
+                        cur.execute("INSERT INTO units VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", u)
+                        cur.execute("COMMIT")
+                    except BaseException:
+                        cur.execute("ROLLBACK")
+                        raise
+                    have.add(u[0])
+                    added += 1
+    return added

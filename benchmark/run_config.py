@@ -1,0 +1,231 @@
+"""Evaluation run configuration: one YAML file, validated with errors naming the key and value.
+
+Example (``configs/eval/fmnist_zoo_demo.yaml``)::
+
+    name: fmnist_zoo_demo
+    output: runs/eval                  # the run folder is OUTPUT/NAME (results.sqlite inside)
+    seed: 0
+    device: cpu
+    batch_size: 100
+    shard_size: 50                     # examples per work unit (the unit of resumption)
+    data: {dataset: fashion_mnist, n: 100, seed: 0, root: null, val_n: 200}
+    threat: {norm: Linf, eps: 0.1}
+    models:
+      - {name: deq_tiny_fmnist_pgdat, defenses: [final, "early:select", entropy_reduction]}
+      - {name: small_cnn_fmnist_pgdat}
+    attacks:
+      pgd: {steps: 10, alpha: 0.025}
+      grid: {steps: 10, alpha: 0.025, kas: [1, 5, 9], lams: [0.5, 1.0], mode: efficient}
+      autoattack: {attacks: [apgd-ce, apgd-t, fab-t, square], budget: {apgd_n_iter: 20}}
+      adaptive: {steps: 10}
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from model_zoo.train_config import ConfigError
+
+__all__ = ["RunConfig", "ModelSpec", "load_run_config", "ConfigError", "ATTACK_KEYS"]
+
+ATTACK_KEYS = {
+    "pgd": {"steps", "alpha", "random_start", "surrogate"},
+    "grid": {"steps", "alpha", "kas", "lams", "mode", "preset", "on_test_time_defenses"},
+    "autoattack": {"attacks", "budget", "surrogate"},
+    "adaptive": {"steps", "alpha", "ka", "lam"},
+    "transfer": {"sources", "targets", "steps", "alpha"},
+}
+TOP_KEYS = {"name", "output", "seed", "device", "batch_size", "shard_size", "data", "threat",
+            "models", "attacks", "description"}
+DATA_KEYS = {"dataset", "n", "seed", "root", "val_n", "val_seed"}
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    checkpoint: Optional[str] = None
+    defenses: list = field(default_factory=lambda: ["final"])
+    label: Optional[str] = None
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+@dataclass
+class RunConfig:
+    name: str
+    output: str = "runs/eval"
+    seed: int = 0
+    device: str = "cpu"
+    batch_size: int = 100
+    shard_size: int = 50
+    data: dict = field(default_factory=dict)
+    threat: dict = field(default_factory=dict)
+    models: list = field(default_factory=list)
+    attacks: dict = field(default_factory=dict)
+    description: str = ""
+    source: Optional[str] = None
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output) / self.name
+
+    @property
+    def eps(self) -> float:
+        return float(self.threat["eps"])
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "output": self.output, "seed": self.seed,
+                "device": self.device, "batch_size": self.batch_size,
+                "shard_size": self.shard_size, "data": self.data, "threat": self.threat,
+                "models": [{"name": m.name, "checkpoint": m.checkpoint, "defenses": m.defenses,
+                            "label": m.label} for m in self.models],
+                "attacks": self.attacks, "description": self.description}
+
+    def hash(self) -> str:
+        """Hash of everything that changes results (not the output folder or device)."""
+        d = self.to_dict()
+        for k in ("output", "device", "description", "batch_size"):
+            d.pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _err(key, msg):
+    raise ConfigError(f"run config: {key}: {msg}")
+
+
+def _int(d, key, lo=None, path=""):
+    v = d[key]
+    if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo):
+        _err(f"{path}{key}", f"must be an integer{'' if lo is None else f' >= {lo}'}, got {v!r}")
+    return v
+
+
+def from_dict(raw: dict, source: Optional[str] = None) -> RunConfig:
+    import model_zoo
+    from model_zoo.forward import make_defense
+
+    if not isinstance(raw, dict):
+        raise ConfigError("run config must be a YAML mapping")
+    unknown = set(raw) - TOP_KEYS
+    if unknown:
+        _err(sorted(unknown)[0], f"unknown key (known: {sorted(TOP_KEYS)})")
+    if not raw.get("name") or not isinstance(raw["name"], str) or "/" in raw["name"]:
+        _err("name", f"a non-empty name without '/' is required, got {raw.get('name')!r}")
+    cfg = RunConfig(name=raw["name"], output=str(raw.get("output", "runs/eval")),
+                    seed=raw.get("seed", 0), device=str(raw.get("device", "cpu")),
+                    batch_size=raw.get("batch_size", 100), shard_size=raw.get("shard_size", 50),
+                    description=str(raw.get("description", "")), source=source)
+    for k in ("seed", "batch_size", "shard_size"):
+        _int({k: getattr(cfg, k)}, k, 0 if k == "seed" else 1)
+    if cfg.device not in ("cpu", "cuda") and not cfg.device.startswith("cuda:"):
+        _err("device", f"must be 'cpu' or 'cuda[:k]', got {cfg.device!r}")
+    data = dict(raw.get("data") or {})
+    unknown = set(data) - DATA_KEYS
+    if unknown:
+        _err(f"data.{sorted(unknown)[0]}", f"unknown key (known: {sorted(DATA_KEYS)})")
+    data.setdefault("n", 100)
+    data.setdefault("seed", 0)
+    data.setdefault("val_n", 200)
+    data.setdefault("val_seed", 0)
+    for k in ("n", "val_n"):
+        _int(data, k, 1, "data.")
+    cfg.data = data
+    threat = dict(raw.get("threat") or {})
+    if set(threat) - {"norm", "eps"}:
+        _err("threat", f"unknown keys {sorted(set(threat) - {'norm', 'eps'})}")
+    threat.setdefault("norm", "Linf")
+    if threat["norm"] != "Linf":
+        _err("threat.norm", f"only 'Linf' is supported, got {threat['norm']!r}")
+    eps = threat.get("eps")
+    if isinstance(eps, str) and "/" in eps:
+        a, b = eps.split("/")
+        eps = float(a) / float(b)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 <= eps <= 1:
+        _err("threat.eps", f"must be a number in [0, 1] (images live in [0, 1]), got {threat.get('eps')!r}")
+    threat["eps"] = float(eps)
+    cfg.threat = threat
+    models = raw.get("models")
+    if not isinstance(models, list) or not models:
+        _err("models", "a non-empty list of models is required")
+    seen = set()
+    datasets = set()
+    for i, m in enumerate(models):
+        if isinstance(m, str):
+            m = {"name": m}
+        if not isinstance(m, dict) or "name" not in m:
+            _err(f"models[{i}]", f"must be a name or a mapping with 'name', got {m!r}")
+        bad = set(m) - {"name", "checkpoint", "defenses", "label"}
+        if bad:
+            _err(f"models[{i}].{sorted(bad)[0]}", "unknown key (known: name, checkpoint, defenses, label)")
+        try:
+            entry = model_zoo.get_entry(m["name"])
+        except KeyError as e:
+            _err(f"models[{i}].name", str(e.args[0] if e.args else e))
+        datasets.add(entry.dataset)
+        defs = m.get("defenses") or ["final"]
+        if not isinstance(defs, list):
+            _err(f"models[{i}].defenses", f"must be a list, got {defs!r}")
+        for d in defs:
+            try:
+                make_defense(d)
+            except (ValueError, TypeError) as e:
+                _err(f"models[{i}].defenses", str(e))
+        spec = ModelSpec(m["name"], m.get("checkpoint"), defs, m.get("label"))
+        if spec.key in seen:
+            _err(f"models[{i}]", f"duplicate model {spec.key!r} (give one a 'label')")
+        seen.add(spec.key)
+        cfg.models.append(spec)
+    data.setdefault("dataset", datasets.pop() if len(datasets) == 1 else None)
+    if not data["dataset"]:
+        _err("data.dataset", "required when the models come from different datasets")
+    attacks = raw.get("attacks") or {}
+    if not isinstance(attacks, dict):
+        _err("attacks", f"must be a mapping of attack name -> options, got {attacks!r}")
+    for name, opts in attacks.items():
+        if name not in ATTACK_KEYS:
+            _err(f"attacks.{name}", f"unknown attack (known: {sorted(ATTACK_KEYS)})")
+        opts = dict(opts or {})
+        bad = set(opts) - ATTACK_KEYS[name]
+        if bad:
+            _err(f"attacks.{name}.{sorted(bad)[0]}", f"unknown option (known: {sorted(ATTACK_KEYS[name])})")
+        if "steps" in opts:
+            _int(opts, "steps", 1, f"attacks.{name}.")
+        if "alpha" in opts and (not isinstance(opts["alpha"], (int, float)) or opts["alpha"] <= 0):
+            _err(f"attacks.{name}.alpha", f"must be > 0, got {opts['alpha']!r}")
+        if name == "grid":
+            if opts.get("mode", "efficient") not in ("efficient", "full", "naive"):
+                _err("attacks.grid.mode", f"must be efficient, full or naive, got {opts['mode']!r}")
+            for ka in opts.get("kas", []):
+                if not isinstance(ka, int) or ka < 1:
+                    _err("attacks.grid.kas", f"every Ka must be an integer >= 1, got {ka!r}")
+            for lam in opts.get("lams", []):
+                if not isinstance(lam, (int, float)) or not 0 < lam <= 1:
+                    _err("attacks.grid.lams", f"every lambda must be in (0, 1], got {lam!r}")
+        if name == "autoattack":
+            from attacks.evaluation import AA_STANDARD_BUDGET, AUTOATTACK_NAMES
+            for a in opts.get("attacks", []):
+                if a not in AUTOATTACK_NAMES:
+                    _err("attacks.autoattack.attacks", f"unknown attack {a!r} (known: {list(AUTOATTACK_NAMES)})")
+            for k in (opts.get("budget") or {}):
+                if k not in AA_STANDARD_BUDGET:
+                    _err(f"attacks.autoattack.budget.{k}", f"unknown knob (known: {sorted(AA_STANDARD_BUDGET)})")
+        attacks[name] = opts
+    cfg.attacks = attacks
+    return cfg
+
+
+def load_run_config(path) -> RunConfig:
+    import yaml
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"run config {p} not found")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"run config {p}: not valid YAML: {e}") from None
+    return from_dict(raw, source=str(p))

@@ -1,0 +1,334 @@
+"""``deqbench evaluate``: run the leaderboard protocol of a run config into the results database.
+
+Protocol per (model, defense) -- the paper's Sec. 4, judged on the reported forward:
+``clean`` (per-state entropies and residuals), ``pgd`` (ready-made PGD at the final state:
+phantom gradient), ``grid`` (the (i, Ka, lambda) settings; DEQs with plain forwards, and test-time
+defenses when ``on_test_time_defenses``), ``autoattack`` (with the strongest grid setting of the
+shard as surrogate, else the phantom gradient), ``adaptive`` (BPDA / defended trajectory /
+transfer, for EntropyReduction). The reported robust accuracy "ALL" is the per-example worst
+case over everything run (:func:`summarize`).
+
+Work is cut into units (model, defense, attack, shard of ``shard_size`` examples), each committed
+atomically; a killed run restarted with the same command skips finished units. Under
+``torchrun`` rank r takes shards r, r + W, ...; each rank writes ``results.rank<r>.sqlite`` and
+rank 0 merges them into ``results.sqlite``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Optional
+
+import torch
+
+import model_zoo
+from attacks.evaluation import (adaptive_attacks, autoattack_attack, derive_seed, grid_attack,
+                                pgd_attack, reported_margin, setting_name)
+from attacks.surrogates import (JudgedModule, PhantomFinal, UnrolledIntermediate,
+                                grid_settings, make_surrogate)
+from benchmark.data import load_dataset, subset
+from benchmark.provenance import provenance
+from benchmark.results_db import ResultsDB, merge
+from benchmark.run_config import RunConfig
+from model_zoo.forward import EarlyState, EntropyReduction, make_defense
+
+__all__ = ["evaluate", "summarize", "db_path", "defense_key"]
+
+
+def defense_key(spec) -> str:
+    return spec if isinstance(spec, str) else json.dumps(spec, sort_keys=True)
+
+
+def db_path(cfg: RunConfig, rank: int = 0, world: int = 1):
+    return cfg.run_dir / ("results.sqlite" if world == 1 else f"results.rank{rank}.sqlite")
+
+
+def _shards(n: int, size: int):
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _plain(defense) -> bool:
+    return not isinstance(defense, EntropyReduction)
+
+
+def _resolve_defense(db: ResultsDB, cfg: RunConfig, model, spec, mkey: str, progress: bool):
+    """The forward of ``spec``; ``early:select`` runs the paper's selection on the validation
+    split once and stores the choice in the database (a resumed run reuses it)."""
+    defense = make_defense(spec)
+    inner = defense.inner if isinstance(defense, EntropyReduction) else defense
+    if isinstance(inner, EarlyState) and inner.index == "select":
+        key = f"early_select/{mkey}"
+        got = db.get_meta(key)
+        if got is None:
+            from attacks.pgd import select_early_state
+            val = load_dataset(cfg.data["dataset"], "val", root=cfg.data.get("root"))
+            val = subset(val, min(cfg.data["val_n"], len(val)), seed=cfg.data["val_seed"])
+            pgd = cfg.attacks.get("pgd", {})
+            chosen = select_early_state(model, val.images.to(cfg.device), val.labels.to(cfg.device),
+                                        cfg.eps, pgd.get("alpha", cfg.eps / 4),
+                                        pgd.get("steps", 10), batch_size=cfg.batch_size,
+                                        seed=cfg.seed)
+            got = {"index": chosen.index, "selection": chosen.selection}
+            db.set_meta(key, got)
+        inner.resolve(got["index"], got["selection"])
+    if isinstance(defense, EntropyReduction) and spec in ("entropy_reduction",):
+        # The Fashion-MNIST threat model: purify within the benchmark eps with steps eps/4.
+        defense.eps, defense.beta = cfg.eps, cfg.eps / 4
+    return defense
+
+
+def _clean_records(model, defense, x, y, idx):
+    recs = []
+    with torch.no_grad():
+        if getattr(model, "is_deq", False):
+            rec = model.run(x, defense=defense, per_state=True)
+            logits = rec.logits
+            ent = rec.entropies
+            for k in range(len(y)):
+                recs.append({"setting": "-", "example": idx[k], "label": int(y[k]),
+                             "correct": int(logits[k].argmax() == y[k]),
+                             "margin": float(reported_margin(logits[k:k + 1].float(), y[k:k + 1])[0]),
+                             "state": rec.readout, "entropies": ent[:, k].tolist(),
+                             "residuals": rec.trajectory.rel_trace[k].tolist(),
+                             "nfev_nograd": float(rec.nfev_nograd[k]),
+                             "nfev_grad": float(rec.nfev_grad[k])})
+        else:
+            logits = model(x)
+            m = reported_margin(logits.float(), y)
+            for k in range(len(y)):
+                recs.append({"setting": "-", "example": idx[k], "label": int(y[k]),
+                             "correct": int(logits[k].argmax() == y[k]), "margin": float(m[k]),
+                             "state": "output", "nfev_nograd": 0.0, "nfev_grad": 0.0})
+    return recs
+
+
+def _outcome_records(out, idx, y, setting, state):
+    recs = []
+    for k, r in enumerate(out.records(idx)):
+        recs.append({"setting": setting, "example": r["example"], "label": int(y[k]),
+                     "correct": int(r["correct"]), "margin": r["margin"], "state": state,
+                     "nfev_nograd": r["nfev_nograd"], "nfev_grad": r["nfev_grad"],
+                     "extra": {"broken_by": r["broken_by"]}})
+    return recs
+
+
+def _strongest_setting(db: ResultsDB, mkey, dkey, idx) -> Optional[str]:
+    """The grid setting that broke the most of these examples (None without grid records)."""
+    rows = db.conn.execute(
+        "SELECT setting, SUM(1 - correct) AS broken FROM records WHERE model = ? AND defense = ? "
+        f"AND attack = 'grid' AND setting != 'worst' AND example IN ({','.join('?' * len(idx))}) "
+        "GROUP BY setting ORDER BY broken DESC, setting LIMIT 1", (mkey, dkey, *idx)).fetchone()
+    return None if rows is None or not rows[1] else rows[0]
+
+
+def _parse_setting(name: str) -> UnrolledIntermediate:
+    # 'ui(i=3,ka=5,lam=0.5[,paper])'
+    body = name[name.index("(") + 1:-1].split(",")
+    kv = dict(p.split("=") for p in body if "=" in p)
+    return UnrolledIntermediate(int(kv["i"]), int(kv["ka"]), float(kv["lam"]),
+                                "paper" if "paper" in body else "reference")
+
+
+def _run_unit(db, cfg, model, defense, mkey, dkey, attack, opts, x, y, idx, progress):
+    eps = cfg.eps
+    is_deq = getattr(model, "is_deq", False)
+    seed = derive_seed(cfg.seed, mkey, dkey, attack, idx[0])
+    state = None
+    if is_deq:
+        inner = defense.inner if isinstance(defense, EntropyReduction) else defense
+        state = "final" if not isinstance(inner, EarlyState) else f"z[{inner.index}]"
+    alpha = opts.get("alpha", eps / 4)
+    steps = opts.get("steps", 10)
+    if attack == "clean":
+        return _clean_records(model, defense, x, y, idx), {}
+    if attack == "pgd":
+        sur = make_surrogate(opts.get("surrogate", "phantom_final")) if is_deq else None
+        out = pgd_attack(JudgedModule(model, defense, sur), x, y, eps, alpha, steps,
+                         random_start=opts.get("random_start", True), seed=seed,
+                         batch_size=cfg.batch_size)
+        return _outcome_records(out, idx, y, setting_name(sur) if sur else "model", state), out.config
+    if attack == "grid":
+        settings = grid_settings(model.solver.max_iter, kas=opts.get("kas", range(1, 10)),
+                                 lams=tuple(opts.get("lams", (0.5, 1.0))),
+                                 preset=opts.get("preset", "reference"))
+        g = grid_attack(model, defense, x, y, eps, alpha, steps, settings=settings,
+                        mode=opts.get("mode", "efficient"), seed=seed, batch_size=cfg.batch_size)
+        recs = _outcome_records(g.worst, idx, y, "worst", state)
+        for si, name in enumerate(g.settings):
+            for k in range(len(idx)):
+                v = int(g.per_setting[si, k])
+                if v >= 0:
+                    recs.append({"setting": name, "example": idx[k], "label": int(y[k]),
+                                 "correct": v, "state": state})
+        return recs, g.worst.config
+    if attack == "autoattack":
+        spec = opts.get("surrogate", "strongest")
+        sur = None
+        if is_deq:
+            if spec == "strongest":
+                best = _strongest_setting(db, mkey, dkey, idx)
+                sur = _parse_setting(best) if best else PhantomFinal()
+            else:
+                sur = make_surrogate(spec)
+        out = autoattack_attack(JudgedModule(model, defense, sur), x, y, eps,
+                                attacks=opts.get("attacks", ("apgd-ce", "apgd-t", "fab-t", "square")),
+                                budget=opts.get("budget"), seed=seed, batch_size=cfg.batch_size)
+        return _outcome_records(out, idx, y, "ensemble", state), out.config
+    if attack == "adaptive":
+        out = adaptive_attacks(model, defense, x, y, eps, alpha, steps, seed=seed,
+                               ka=opts.get("ka", 9), lam=opts.get("lam", 0.5),
+                               batch_size=cfg.batch_size)
+        return _outcome_records(out, idx, y, "worst", state), out.config
+    raise ValueError(f"unknown attack {attack!r}")
+
+
+def _applicable(attack, model, defense, opts) -> bool:
+    is_deq = getattr(model, "is_deq", False)
+    if attack == "grid":
+        return is_deq and (_plain(defense) or opts.get("on_test_time_defenses", False))
+    if attack == "adaptive":
+        return is_deq and not _plain(defense)
+    return True
+
+
+ORDER = ("clean", "pgd", "grid", "autoattack", "adaptive")
+
+
+def evaluate(cfg: RunConfig, progress: bool = True, rank: Optional[int] = None,
+             world: Optional[int] = None, stop_after_units: Optional[int] = None) -> dict:
+    """Run (or continue) the protocol of ``cfg``; returns ``{'db': path, 'units_run': k,
+    'summary': DataFrame}``. ``stop_after_units`` (tests) returns after that many new units."""
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
+    dist = world > 1 and torch.distributed.is_available() and "MASTER_ADDR" in os.environ
+    if dist and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    path = db_path(cfg, rank, world)
+    db = ResultsDB(path)
+    old = db.get_meta("config_hash")
+    if old is not None and old != cfg.hash():
+        db.close()
+        raise ValueError(f"{path} holds results of a different configuration (hash {old} vs "
+                         f"{cfg.hash()}); give the run a new name or delete {cfg.run_dir}")
+    if old is None:
+        db.set_meta("config", cfg.to_dict())
+        db.set_meta("config_hash", cfg.hash())
+        db.set_meta("config_source", cfg.source)
+        db.set_meta("seed", cfg.seed)
+        db.set_meta("provenance", provenance(cfg.device))
+        db.set_meta("start_time", time.time())
+    db.set_meta(f"last_invocation/{rank}", provenance(cfg.device))
+    ds = load_dataset(cfg.data["dataset"], "test", root=cfg.data.get("root"))
+    ds = subset(ds, min(cfg.data["n"], len(ds)), seed=cfg.data["seed"])
+    db.set_meta("dataset", {"name": ds.info.name, "split": "test", "n": len(ds),
+                            "seed": cfg.data["seed"], "indices": [int(i) for i in ds.indices]})
+    shards = [s for j, s in enumerate(_shards(len(ds), cfg.shard_size)) if j % world == rank]
+    done = db.done_units()
+    plan = []
+    for m in cfg.models:
+        for dspec in m.defenses:
+            for attack in ORDER:
+                if attack != "clean" and attack not in cfg.attacks:
+                    continue
+                for lo, hi in shards:
+                    plan.append((m, dspec, attack, lo, hi))
+    todo = [p for p in plan if f"{p[0].key}|{defense_key(p[1])}|{p[2]}|{p[3]}-{p[4]}" not in done]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc=f"evaluate {cfg.name}")
+    models, defenses = {}, {}
+    ran = 0
+    for m, dspec, attack, lo, hi in todo:
+        dkey = defense_key(dspec)
+        uid = f"{m.key}|{dkey}|{attack}|{lo}-{hi}"
+        if m.key not in models:
+            models[m.key] = model_zoo.load(m.name, checkpoint=m.checkpoint, device=cfg.device)
+        model = models[m.key]
+        if (m.key, dkey) not in defenses:
+            defenses[(m.key, dkey)] = (_resolve_defense(db, cfg, model, dspec, m.key, progress)
+                                       if getattr(model, "is_deq", False) else None)
+        defense = defenses[(m.key, dkey)]
+        if not _applicable(attack, model, defense, cfg.attacks.get(attack, {})):
+            db.commit_unit(uid, m.key, dkey, attack, f"{lo}-{hi}", [], 0.0, {"skipped": True}, rank)
+        else:
+            torch.manual_seed(derive_seed(cfg.seed, uid))
+            x = ds.images[lo:hi].to(cfg.device)
+            y = ds.labels[lo:hi].to(cfg.device)
+            idx = [int(i) for i in ds.indices[lo:hi]]
+            t0 = time.perf_counter()
+            recs, conf = _run_unit(db, cfg, model, defense, m.key, dkey, attack,
+                                   cfg.attacks.get(attack, {}), x, y, idx, progress)
+            wall = time.perf_counter() - t0
+            for r in recs:
+                r["wall_s"] = wall / max(len(idx), 1)
+            db.commit_unit(uid, m.key, dkey, attack, f"{lo}-{hi}", recs, wall,
+                           {"attack": conf, "defense": None if defense is None else defense.config()},
+                           rank)
+        ran += 1
+        if bar is not None:
+            bar.update(1)
+        if stop_after_units is not None and ran >= stop_after_units:
+            break
+    if bar is not None:
+        bar.close()
+    complete = len(db.done_units()) >= len(plan)
+    if complete:
+        db.set_meta("end_time", time.time())
+    db.close()
+    out_path = path
+    if world > 1:
+        if dist:
+            torch.distributed.barrier()
+        if rank == 0:
+            out_path = cfg.run_dir / "results.sqlite"
+            merge(out_path, [db_path(cfg, r, world) for r in range(world)])
+    result = {"db": out_path, "units_run": ran, "complete": complete}
+    if rank == 0 and (world == 1 or dist):
+        with ResultsDB(out_path) as d:
+            result["summary"] = summarize(d)
+    return result
+
+
+def summarize(db: ResultsDB):
+    """Per (model, defense): accuracies derived from the per-example records.
+
+    clean; pgd; grid (per-example worst case over the grid settings run) and min_over_means
+    (lowest per-setting accuracy, when every setting covered every example); autoattack;
+    adaptive; ALL = per-example worst case over every attack record (a point counts as robust
+    only if it is correct clean and under every attack); f-evals per clean forward."""
+    import pandas as pd
+    df = db.records_frame()
+    rows = []
+    if df.empty:
+        return pd.DataFrame(rows)
+    for (mk, dk), g in df.groupby(["model", "defense"], sort=False):
+        clean = g[g.attack == "clean"]
+        n = clean.example.nunique()
+        row = {"model": mk, "defense": dk, "n": n,
+               "clean": clean.correct.mean() if n else float("nan"),
+               "state": clean.state.iloc[0] if n else None,
+               "f_evals_per_forward": (clean.nfev_nograd + clean.nfev_grad).mean() if n else None}
+        final = {"clean": clean.set_index("example").correct}
+        for att, setting in (("pgd", None), ("grid", "worst"), ("autoattack", "ensemble"),
+                             ("adaptive", "worst")):
+            a = g[g.attack == att]
+            if setting is not None:
+                a = a[a.setting == setting]
+            if len(a):
+                s = a.set_index("example").correct
+                final[att] = s
+                row[att] = s.reindex(clean.example).fillna(0).mean()
+        grid = g[(g.attack == "grid") & (g.setting != "worst")]
+        if len(grid):
+            counts = grid.groupby("setting").example.nunique()
+            if (counts == n).all():
+                per = grid.groupby("setting").correct.mean()
+                row["min_over_means"] = per.min()
+                row["strongest_setting"] = per.idxmin()
+        allc = pd.concat(final, axis=1).reindex(clean.example).fillna(0).min(axis=1)
+        row["ALL"] = allc.mean()
+        rows.append(row)
+    return pd.DataFrame(rows)
