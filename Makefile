@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deqbench-installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data test test-fast demo bench zoo clean
+.PHONY: setup data browser test test-fast demo bench zoo clean
 
 setup: $(STAMP)
 
@@ -30,7 +30,17 @@ data:
 	  echo "Fashion-MNIST is missing. Install it with:  sudo apt-get install -y dataset-fashion-mnist"; \
 	fi
 
-test: setup data
+# Debian's chromium renders the HTML leaderboard in a test (headless); installed when root.
+browser:
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then \
+	  echo "chromium found"; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)); \
+	else \
+	  echo "chromium is missing (the HTML leaderboard test will be skipped): sudo apt-get install -y chromium"; \
+	fi
+
+test: setup data browser
 	$(PY) -m pytest -q
 
 test-fast: setup

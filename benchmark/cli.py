@@ -169,6 +169,24 @@ def cmd_bench_grid(args):
     return 0
 
 
+def cmd_evaluate(args):
+    from benchmark.run_config import load_run_config
+    from benchmark.runner import evaluate
+    cfg = load_run_config(args.config)
+    if args.device:
+        cfg.device = args.device
+    res = evaluate(cfg, progress=not args.quiet)
+    if "summary" in res:
+        import pandas as pd
+        with pd.option_context("display.width", 200, "display.max_columns", 30,
+                               "display.float_format", "{:.3f}".format):
+            print(f"\n{cfg.name}: {res['units_run']} work units run now"
+                  f"{'' if res['complete'] else ' (incomplete: run the same command again)'}")
+            print(res["summary"].to_string(index=False))
+        print(f"\nresults database: {res['db']}")
+    return 0
+
+
 def cmd_train(args):
     from benchmark.train import run_training
     from model_zoo.train_config import load_train_config
@@ -251,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--allow-untrained", action="store_true")
     ev.add_argument("--output", default=None, help="write the per-example record (JSON) here")
     ev.set_defaults(func=cmd_eval)
+
+    evp = sub.add_parser("evaluate", help="run the leaderboard protocol of a run config (resumable)")
+    evp.add_argument("config")
+    evp.add_argument("--device", default=None)
+    evp.add_argument("--quiet", action="store_true")
+    evp.set_defaults(func=cmd_evaluate)
 
     at = sub.add_parser("attack", help="attack one model/defense; per-example records (JSON)")
     at.add_argument("--model", required=True)

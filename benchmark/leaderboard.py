@@ -1,0 +1,801 @@
+"""Leaderboards: RobustBench-format JSON entries -> Markdown, CSV and a self-contained HTML page.
+
+A leaderboard is a folder ``leaderboards/<dataset>-<threat>/`` (e.g.
+``leaderboards/fashion_mnist-Linf/``) holding one ``<entry name>.json`` per model, in
+RobustBench's ``model_info`` format (``robustbench/leaderboard/template.py``; fields ``link``,
+``name``, ``authors``, ``additional_data``, ``number_forward_passes``, ``dataset``, ``venue``,
+``architecture``, ``eps``, ``clean_acc``, ``reported``, ``autoattack_acc`` and the optional
+``external`` / ``footnote`` / ``unreliable``; accuracies are percent *strings* such as ``"89.12"``,
+``eps`` a string such as ``"8/255"``), plus:
+
+* ``threat_model``: ``"Linf"``, ``"L2"`` or ``"corruptions"`` (RobustBench keeps it only in the
+  folder path; its readers ignore extra keys).
+* ``deq``: the DEQ-specific record, see :data:`DEQ_FIELDS`.
+
+The leaderboard sort key is RobustBench's: ``external`` when present, else ``autoattack_acc``
+(``corruptions_acc`` for the corruptions threat model), descending.  :func:`make_entry` sets
+``external`` to the per-example worst case over every attack run ("ALL") whenever that is lower
+than AutoAttack, which is how RobustBench records a stronger external evaluation, so an entry
+ranks by its most honest number.
+
+``render(folder)`` writes ``leaderboard.md``, ``leaderboard.csv`` and ``leaderboard.html`` next to
+the entries; those three files are generated and must not be edited by hand::
+
+    python -m benchmark.leaderboard render leaderboards/fashion_mnist-Linf
+
+This module never imports robustbench (the project's single robustbench import point is
+``model_zoo/compat.py``); the tests check that robustbench's own readers accept the files.
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+__all__ = [
+    "THREATS", "REQUIRED_FIELDS", "DEQ_FIELDS", "COLUMNS", "FOOTNOTE",
+    "format_eps", "make_entry", "validate_entry", "write_entry", "read_entries", "sort_key", "sort_entries",
+    "table_rows", "render", "main",
+]
+
+THREATS = ("Linf", "L2", "corruptions")
+#: Datasets whose Linf/L2 radii RobustBench writes as ``k/255``.
+_X255_DATASETS = ("cifar10", "cifar100", "imagenet")
+
+#: Fields every entry must have (RobustBench's model_info format), with the accepted JSON types.
+#: The robust accuracy field is ``autoattack_acc``, or ``corruptions_acc`` for "corruptions".
+REQUIRED_FIELDS = {
+    "link": (str,),
+    "name": (str,),
+    "authors": (str,),
+    "additional_data": (bool,),
+    "number_forward_passes": (int,),
+    "dataset": (str,),
+    "venue": (str,),
+    "architecture": (str,),
+    "eps": (str, int, float, type(None)),   # RobustBench's own update_json writes a float
+    "clean_acc": (str,),
+    "reported": (str, int, float),
+}
+
+#: The keys allowed in ``entry["deq"]`` and what they hold (all optional).
+DEQ_FIELDS = {
+    "defense": "name of the defense (str)",
+    "defense_params": "the defense's parameters (dict)",
+    "evaluated_state": "the state the reported logits come from, e.g. 'final', 'z[7]' (str)",
+    "f_evals_per_forward": "f_theta evaluations per forward pass (float >= 0)",
+    "worst_case_acc": "per-example worst case over every attack run, 'ALL' (percent string)",
+    "min_over_means_acc": "minimum over attacks of the mean accuracy (percent string)",
+    "grid_worst_case_acc": "worst case over the attack-hyper-parameter grid (percent string)",
+    "autoattack_acc": "duplicate of the top-level autoattack_acc (percent string)",
+    "flags": "obfuscation indicators: name -> {'flag': bool, ...} (dict)",
+    "budget": "{'level': 'standard' | 'reduced', 'knobs': {...}} (dict)",
+    "data_source": "where the evaluated examples come from (str)",
+    "commit": "git commit of the evaluation code (str)",
+    "n_examples": "number of evaluated examples (int >= 1)",
+}
+_DEQ_PERCENT_FIELDS = ("worst_case_acc", "min_over_means_acc", "grid_worst_case_acc",
+                       "autoattack_acc")
+_BUDGET_LEVELS = ("standard", "reduced")
+
+#: (key, header) of the rendered table, in order.  ``key`` is the HTML ``data-col`` value and the
+#: sort key accepted in the page's ``#sort=<key>&dir=asc|desc``; ``header`` is the Markdown/CSV
+#: column name.
+COLUMNS = (
+    ("rank", "rank"),
+    ("model", "model"),
+    ("architecture", "architecture"),
+    ("clean", "clean"),
+    ("autoattack", "AutoAttack"),
+    ("worst_case", "worst case (ALL)"),
+    ("min_over_means", "min-over-means"),
+    ("f_evals", "f-evals/forward"),
+    ("evaluated_state", "evaluated state"),
+    ("defense", "defense"),
+    ("budget", "budget"),
+    ("flags", "flags"),
+)
+_NUMERIC_COLUMNS = ("rank", "clean", "autoattack", "worst_case", "min_over_means", "f_evals")
+FOOTNOTE = "rendered from the JSON entries in this folder; do not edit by hand"
+OUTPUT_NAMES = {"md": "leaderboard.md", "csv": "leaderboard.csv", "html": "leaderboard.html"}
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_MAX_NAME = 200
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------------
+
+def _check_safe_name(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{what} must be a non-empty string, got {value!r}")
+    if len(value) > _MAX_NAME or not _SAFE_NAME.match(value) or value.endswith(".json"):
+        raise ValueError(
+            f"{what} {value!r} is not filesystem-safe: use letters, digits and . _ + - only "
+            f"(starting with a letter or digit, at most {_MAX_NAME} characters, no '.json')")
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_fraction(value: Any, what: str) -> float:
+    if not _is_number(value) or not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{what} must be a fraction in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _percent(fraction: float) -> str:
+    """0.8912 -> "89.12" (RobustBench's percent string, two decimals)."""
+    return f"{100.0 * fraction:.2f}"
+
+
+def _parse_percent(value: Any, what: str) -> float:
+    """A RobustBench percent string ("89.12") -> 89.12; ValueError otherwise."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a percent string like \"89.12\", got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{what} must be a percent string like \"89.12\", got {value!r}") from None
+    if not math.isfinite(number) or not 0.0 <= number <= 100.0:
+        raise ValueError(f"{what} must lie in [0, 100], got {value!r}")
+    return number
+
+
+def format_eps(eps: float, dataset: str) -> str:
+    """``"8/255"`` for RobustBench datasets (cifar10, cifar100, imagenet) when ``eps * 255`` is
+    (within 1e-6 of) a non-zero integer, else ``f"{eps:g}"`` (``0.1`` -> ``"0.1"``)."""
+    scaled = eps * 255.0
+    k = round(scaled)
+    if dataset in _X255_DATASETS and k != 0 and abs(scaled - k) < 1e-6:
+        return f"{k}/255"
+    return f"{eps:g}"
+
+
+def _robust_field(threat: Optional[str]) -> str:
+    return "corruptions_acc" if threat == "corruptions" else "autoattack_acc"
+
+
+def _folder_dataset_threat(folder: Path) -> tuple[Optional[str], Optional[str]]:
+    """``.../fashion_mnist-Linf`` -> ("fashion_mnist", "Linf"); (None, None) if it does not parse."""
+    dataset, sep, threat = folder.name.rpartition("-")
+    if sep and dataset and threat in THREATS:
+        return dataset, threat
+    return None, None
+
+
+# --------------------------------------------------------------------------------------------
+# entries
+# --------------------------------------------------------------------------------------------
+
+def _normalize_deq(deq: Optional[dict], autoattack_pct: Optional[str],
+                   worst_pct: Optional[str]) -> dict:
+    """Validate the caller's ``deq`` dict and fill the duplicated accuracy fields."""
+    if deq is None:
+        deq = {}
+    if not isinstance(deq, dict):
+        raise ValueError(f"deq must be a dict, got {type(deq).__name__}")
+    unknown = sorted(set(deq) - set(DEQ_FIELDS))
+    if unknown:
+        raise ValueError(f"deq has unknown key(s) {unknown}; allowed: {sorted(DEQ_FIELDS)}")
+    out = dict(deq)
+    for key in ("min_over_means_acc", "grid_worst_case_acc"):
+        if key in out and out[key] is not None and not isinstance(out[key], str):
+            out[key] = _percent(_check_fraction(out[key], f"deq[{key!r}]"))
+    for key, value in (("autoattack_acc", autoattack_pct), ("worst_case_acc", worst_pct)):
+        given = out.get(key)
+        if given is not None and not isinstance(given, str):
+            given = _percent(_check_fraction(given, f"deq[{key!r}]"))
+        if given is not None and value is not None and float(given) != float(value):
+            raise ValueError(f"deq[{key!r}]={given!r} disagrees with {key}={value!r}")
+        if value is not None:
+            out[key] = value
+        elif given is not None:
+            raise ValueError(f"deq[{key!r}] is given but the {key} argument is None")
+    budget = out.get("budget")
+    if isinstance(budget, str):
+        out["budget"] = {"level": budget, "knobs": {}}
+    elif isinstance(budget, dict):
+        out["budget"] = {"level": budget.get("level"), "knobs": dict(budget.get("knobs") or {}),
+                         **{k: v for k, v in budget.items() if k not in ("level", "knobs")}}
+    if "f_evals_per_forward" in out and _is_number(out["f_evals_per_forward"]):
+        out["f_evals_per_forward"] = float(out["f_evals_per_forward"])
+    out = {k: v for k, v in out.items() if v is not None}
+    _validate_deq(out, autoattack_pct, "deq")
+    return out
+
+
+def make_entry(name: str, *, clean_acc: float, autoattack_acc: float,
+               worst_case_acc: Optional[float], dataset: str, threat: str, eps: Optional[float],
+               architecture: str, number_forward_passes: int, deq: Optional[dict] = None,
+               venue: str = "", authors: str = "", link: str = "", reported: str = "",
+               additional_data: bool = False, footnote: Optional[str] = None,
+               unreliable: bool = False) -> dict:
+    """One leaderboard entry (a JSON-ready dict in RobustBench's model_info format + ``deq``).
+
+    Accuracies are fractions in [0, 1] and are stored as percent strings with two decimals
+    (0.8912 -> ``"89.12"``).  ``eps`` is stored as a string (:func:`format_eps`; ``None`` only
+    for ``threat="corruptions"``).  For ``threat="corruptions"`` the robust accuracy is stored as
+    ``corruptions_acc`` (RobustBench's field) instead of ``autoattack_acc``.
+
+    ``external`` is set to the worst case over everything run (``worst_case_acc``, "ALL") when
+    that is lower than ``autoattack_acc``.  ``deq`` holds the keys of :data:`DEQ_FIELDS`;
+    ``min_over_means_acc`` / ``grid_worst_case_acc`` may be given as fractions (converted) or
+    percent strings, ``budget`` as ``"standard"``/``"reduced"`` or
+    ``{"level": ..., "knobs": {...}}``; ``worst_case_acc`` and ``autoattack_acc`` are filled in.
+
+    Raises ``ValueError`` for an invalid input.
+    """
+    _check_safe_name(name, "entry name")
+    _check_safe_name(dataset, "dataset")
+    if threat not in THREATS:
+        raise ValueError(f"threat must be one of {list(THREATS)}, got {threat!r}")
+    clean = _check_fraction(clean_acc, "clean_acc")
+    robust = _check_fraction(autoattack_acc, "autoattack_acc")
+    worst = None if worst_case_acc is None else _check_fraction(worst_case_acc, "worst_case_acc")
+    if eps is None:
+        if threat != "corruptions":
+            raise ValueError(f"eps is required for threat {threat!r}")
+        eps_str = None
+    else:
+        if not _is_number(eps) or not math.isfinite(eps) or eps < 0:
+            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+        eps_str = format_eps(float(eps), dataset)
+    if not isinstance(architecture, str) or not architecture.strip():
+        raise ValueError(f"architecture must be a non-empty string, got {architecture!r}")
+    if (not isinstance(number_forward_passes, int) or isinstance(number_forward_passes, bool)
+            or number_forward_passes < 1):
+        raise ValueError(f"number_forward_passes must be an int >= 1, got {number_forward_passes!r}")
+    for what, value in (("venue", venue), ("authors", authors), ("link", link),
+                        ("reported", reported)):
+        if not isinstance(value, str):
+            raise ValueError(f"{what} must be a string, got {value!r}")
+    if not isinstance(additional_data, bool):
+        raise ValueError(f"additional_data must be a bool, got {additional_data!r}")
+    if not isinstance(unreliable, bool):
+        raise ValueError(f"unreliable must be a bool, got {unreliable!r}")
+    if footnote is not None and not isinstance(footnote, str):
+        raise ValueError(f"footnote must be a string or None, got {footnote!r}")
+
+    robust_pct = _percent(robust)
+    worst_pct = None if worst is None else _percent(worst)
+    entry: dict[str, Any] = {
+        "link": link,
+        "name": name,
+        "authors": authors,
+        "additional_data": additional_data,
+        "number_forward_passes": number_forward_passes,
+        "dataset": dataset,
+        "venue": venue,
+        "architecture": architecture,
+        "eps": eps_str,
+        "clean_acc": _percent(clean),
+        "reported": reported,
+        _robust_field(threat): robust_pct,
+        "threat_model": threat,
+    }
+    if worst_pct is not None and float(worst_pct) < float(robust_pct):
+        entry["external"] = worst_pct
+    if footnote is not None:
+        entry["footnote"] = footnote
+    if unreliable:
+        entry["unreliable"] = True
+    entry["deq"] = _normalize_deq(deq, robust_pct if threat != "corruptions" else None,
+                                  worst_pct)
+    validate_entry(entry)
+    return entry
+
+
+def _validate_deq(deq: Any, robust_pct: Optional[str], where: str) -> None:
+    if not isinstance(deq, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(deq).__name__}")
+    unknown = sorted(set(deq) - set(DEQ_FIELDS))
+    if unknown:
+        raise ValueError(f"{where} has unknown key(s) {unknown}; allowed: {sorted(DEQ_FIELDS)}")
+    for key in _DEQ_PERCENT_FIELDS:
+        if key in deq:
+            _parse_percent(deq[key], f"{where}.{key}")
+    if "autoattack_acc" in deq and robust_pct is not None \
+            and float(deq["autoattack_acc"]) != float(robust_pct):
+        raise ValueError(f"{where}.autoattack_acc={deq['autoattack_acc']!r} disagrees with the "
+                         f"top-level value {robust_pct!r}")
+    for key in ("defense", "evaluated_state", "data_source", "commit"):
+        if key in deq and not isinstance(deq[key], str):
+            raise ValueError(f"{where}.{key} must be a string, got {deq[key]!r}")
+    if "defense_params" in deq and not isinstance(deq["defense_params"], dict):
+        raise ValueError(f"{where}.defense_params must be an object, got {deq['defense_params']!r}")
+    if "f_evals_per_forward" in deq:
+        value = deq["f_evals_per_forward"]
+        if not _is_number(value) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{where}.f_evals_per_forward must be a number >= 0, got {value!r}")
+    if "n_examples" in deq:
+        value = deq["n_examples"]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{where}.n_examples must be an int >= 1, got {value!r}")
+    if "flags" in deq:
+        flags = deq["flags"]
+        if not isinstance(flags, dict):
+            raise ValueError(f"{where}.flags must be an object name -> {{'flag': bool, ...}}")
+        for flag_name, record in flags.items():
+            if not isinstance(record, dict) or not isinstance(record.get("flag"), bool):
+                raise ValueError(f"{where}.flags[{flag_name!r}] must be an object with a bool "
+                                 f"'flag', got {record!r}")
+    if "budget" in deq:
+        budget = deq["budget"]
+        if (not isinstance(budget, dict) or budget.get("level") not in _BUDGET_LEVELS
+                or not isinstance(budget.get("knobs", {}), dict)):
+            raise ValueError(f"{where}.budget must be {{'level': 'standard' | 'reduced', "
+                             f"'knobs': {{...}}}}, got {budget!r}")
+
+
+def validate_entry(entry: Any, source: Any = None, *, folder: Optional[Path] = None) -> dict:
+    """Check one entry dict; raise ``ValueError`` (prefixed with ``source``) when it is invalid.
+
+    ``folder`` (the leaderboard folder ``<dataset>-<threat>``) additionally checks that the
+    entry's dataset / threat model match the folder name.
+    """
+    prefix = f"{source}: " if source is not None else ""
+    try:
+        if not isinstance(entry, dict):
+            raise ValueError(f"an entry must be a JSON object, got {type(entry).__name__}")
+        missing = [k for k in REQUIRED_FIELDS if k not in entry]
+        threat = entry.get("threat_model")
+        if folder is not None and threat is None:
+            threat = _folder_dataset_threat(folder)[1]
+        if threat is not None and threat not in THREATS:
+            raise ValueError(f"threat_model must be one of {list(THREATS)}, got {threat!r}")
+        robust_field = _robust_field(threat)
+        if threat is None and "autoattack_acc" not in entry and "corruptions_acc" in entry:
+            robust_field = "corruptions_acc"
+        if robust_field not in entry:
+            missing.append(robust_field)
+        if missing:
+            raise ValueError(f"missing required field(s): {', '.join(missing)}")
+        for key, types in REQUIRED_FIELDS.items():
+            value = entry[key]
+            if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+                names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+                raise ValueError(f"field {key!r} must be {names}, got {value!r}")
+        _check_safe_name(entry["name"], "field 'name'")
+        if entry["number_forward_passes"] < 1:
+            raise ValueError("field 'number_forward_passes' must be >= 1")
+        _parse_percent(entry["clean_acc"], "field 'clean_acc'")
+        _parse_percent(entry[robust_field], f"field {robust_field!r}")
+        if "external" in entry:
+            _parse_percent(entry["external"], "field 'external'")
+        if "footnote" in entry and entry["footnote"] is not None \
+                and not isinstance(entry["footnote"], str):
+            raise ValueError(f"field 'footnote' must be a string, got {entry['footnote']!r}")
+        if "unreliable" in entry and not isinstance(entry["unreliable"], bool):
+            raise ValueError(f"field 'unreliable' must be a bool, got {entry['unreliable']!r}")
+        if "deq" in entry:
+            _validate_deq(entry["deq"], entry.get("autoattack_acc"), "field 'deq'")
+        if folder is not None:
+            f_dataset, f_threat = _folder_dataset_threat(folder)
+            if f_dataset is not None and entry["dataset"] != f_dataset:
+                raise ValueError(f"dataset {entry['dataset']!r} does not match the folder "
+                                 f"{folder.name!r}")
+            if f_threat is not None and entry.get("threat_model", f_threat) != f_threat:
+                raise ValueError(f"threat_model {entry['threat_model']!r} does not match the "
+                                 f"folder {folder.name!r}")
+    except ValueError as exc:
+        raise ValueError(f"{prefix}{exc}") from None
+    return entry
+
+
+def write_entry(entry: dict, root: os.PathLike | str = "leaderboards") -> Path:
+    """Write ``root/<dataset>-<threat>/<name>.json`` (indent 2, sorted keys, trailing newline).
+
+    The entry is validated first; the file is replaced atomically.  Returns its path.
+    """
+    validate_entry(entry, "entry")
+    threat = entry.get("threat_model")
+    if threat is None:
+        raise ValueError("entry: missing field 'threat_model' (needed for the folder name)")
+    _check_safe_name(entry["dataset"], "entry: field 'dataset'")
+    folder = Path(root) / f"{entry['dataset']}-{threat}"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{entry['name']}.json"
+    text = json.dumps(entry, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{entry['name']}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def read_entries(folder: os.PathLike | str) -> list[dict]:
+    """Read and validate every ``*.json`` in ``folder`` (in file-name order).
+
+    Raises ``ValueError`` naming the file for malformed JSON, a missing required field, a value
+    of the wrong type, a file name that differs from the entry's ``name``, or a dataset/threat
+    model that does not match the folder name ``<dataset>-<threat>``.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"leaderboard folder {folder} does not exist")
+    entries = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: malformed JSON: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not UTF-8 text: {exc}") from None
+        validate_entry(data, path, folder=folder)
+        if data["name"] != path.stem:
+            raise ValueError(f"{path}: field 'name' is {data['name']!r} but the file is named "
+                             f"{path.name!r} (expected {data['name']}.json)")
+        entries.append(data)
+    return entries
+
+
+# --------------------------------------------------------------------------------------------
+# sorting and rendering
+# --------------------------------------------------------------------------------------------
+
+def _robust_value(entry: dict) -> float:
+    """RobustBench's sort key: ``external`` if present, else ``autoattack_acc``
+    (else ``corruptions_acc``), as a float percent."""
+    for key in ("external", "autoattack_acc", "corruptions_acc"):
+        if entry.get(key) is not None:
+            return float(entry[key])
+    raise ValueError(f"entry {entry.get('name')!r} has no external/autoattack_acc/corruptions_acc")
+
+
+def sort_key(entry: dict) -> tuple:
+    """(-robust, -clean, name): RobustBench's key, ties by clean accuracy, then name."""
+    return (-_robust_value(entry), -float(entry["clean_acc"]), str(entry["name"]))
+
+
+def sort_entries(entries: Iterable[dict]) -> list[dict]:
+    """Entries in leaderboard order (a new list): :func:`sort_key` ascending."""
+    return sorted(entries, key=sort_key)
+
+
+def _deq(entry: dict) -> dict:
+    deq = entry.get("deq")
+    return deq if isinstance(deq, dict) else {}
+
+
+def _opt_float(value: Any) -> Optional[float]:
+    if value is None or value == "":
+        return None
+    return float(value)
+
+
+def _budget_text(budget: Any) -> Optional[str]:
+    if not isinstance(budget, dict) or not budget.get("level"):
+        return None
+    knobs = budget.get("knobs") or {}
+    if not knobs:
+        return str(budget["level"])
+    inner = ", ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
+                      for k, v in sorted(knobs.items()))
+    return f"{budget['level']} ({inner})"
+
+
+def _flags_text(flags: Any) -> str:
+    if not isinstance(flags, dict):
+        return "-"
+    raised = [name for name, rec in flags.items() if isinstance(rec, dict) and rec.get("flag")]
+    return ", ".join(raised) if raised else "-"
+
+
+def table_rows(entries: Iterable[dict]) -> list[dict]:
+    """One dict per entry in leaderboard order, keyed by the :data:`COLUMNS` keys.
+
+    Accuracies are float percents (``89.12``), ``f_evals`` a float; missing values are ``None``.
+    """
+    rows = []
+    for rank, entry in enumerate(sort_entries(entries), start=1):
+        deq = _deq(entry)
+        robust_field = _robust_field(entry.get("threat_model"))
+        if robust_field not in entry:
+            robust_field = "autoattack_acc" if "autoattack_acc" in entry else "corruptions_acc"
+        rows.append({
+            "rank": rank,
+            "model": entry["name"],
+            "architecture": entry.get("architecture"),
+            "clean": _opt_float(entry.get("clean_acc")),
+            "autoattack": _opt_float(entry.get(robust_field)),
+            "worst_case": _opt_float(deq.get("worst_case_acc")),
+            "min_over_means": _opt_float(deq.get("min_over_means_acc")),
+            "f_evals": _opt_float(deq.get("f_evals_per_forward")),
+            "evaluated_state": deq.get("evaluated_state"),
+            "defense": deq.get("defense"),
+            "budget": _budget_text(deq.get("budget")),
+            "flags": _flags_text(deq.get("flags")),
+        })
+    return rows
+
+
+def _cell_text(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if key in ("clean", "autoattack", "worst_case", "min_over_means"):
+        return f"{value:.2f}"
+    if key == "f_evals":
+        return f"{value:g}"
+    return str(value)
+
+
+def _caption(entries: list[dict], folder: Path) -> tuple[str, str, str]:
+    f_dataset, f_threat = _folder_dataset_threat(folder)
+    datasets = sorted({e["dataset"] for e in entries}) or [f_dataset or "?"]
+    threats = sorted({e.get("threat_model") or f_threat or "?" for e in entries}) \
+        or [f_threat or "?"]
+    eps = sorted({"-" if e.get("eps") is None else str(e["eps"]) for e in entries}) or ["-"]
+    return ", ".join(datasets), ", ".join(threats), ", ".join(eps)
+
+
+def _md_escape(text: str) -> str:
+    """Keep a value inside its Markdown table cell and out of GitHub's HTML."""
+    text = text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+    return text.replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _render_md(rows: list[dict], dataset: str, threat: str, eps: str) -> str:
+    lines = [f"# Leaderboard: {_md_escape(dataset)}, {_md_escape(threat)}, eps = {_md_escape(eps)}",
+             "",
+             "Sorted by RobustBench's key: `external` (the per-example worst case over every "
+             "attack run, when lower than AutoAttack) else AutoAttack accuracy. Accuracies in %.",
+             "",
+             "| " + " | ".join(header for _, header in COLUMNS) + " |",
+             "|" + "|".join("---:" if key in _NUMERIC_COLUMNS else "---" for key, _ in COLUMNS)
+             + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_md_escape(_cell_text(key, row[key]))
+                                       for key, _ in COLUMNS) + " |")
+    lines += ["", f"_{FOOTNOTE}_", ""]
+    return "\n".join(lines)
+
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2em;
+       color: #1b1b1b; }
+table { border-collapse: collapse; font-size: 14px; }
+caption { caption-side: top; text-align: left; font-weight: 600; padding: 0 0 .6em 0; }
+th, td { border-bottom: 1px solid #ddd; padding: .35em .7em; text-align: left; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+thead th { background: #f3f3f3; cursor: pointer; user-select: none; white-space: nowrap; }
+thead th:hover { background: #e6e6e6; }
+thead th[aria-sort="ascending"]::after { content: " \\25B2"; }
+thead th[aria-sort="descending"]::after { content: " \\25BC"; }
+tbody tr:nth-child(even) { background: #fafafa; }
+tr.unreliable td { color: #999; }
+p.footnote { font-size: 12px; color: #666; margin-top: 1em; }
+"""
+
+# Sorting: click a header (first click: descending for numbers, ascending for text; a second
+# click on the same header toggles).  Missing values ("-", empty data-value) always sort last.
+# On load, "#sort=<col>&dir=asc|desc" (or "?sort=...&dir=..."; the hash wins) is applied, then
+# "click=<col>,<col>,..." clicks those headers in turn (so a headless test can drive the click
+# handler); the table's
+# data-sort-key / data-sort-dir attributes say what is shown, data-js="ready" that the script ran.
+_JS = """
+(function () {
+  "use strict";
+  var table = document.getElementById("leaderboard");
+  var tbody = table.tBodies[0];
+  var headers = Array.prototype.slice.call(table.tHead.rows[0].cells);
+  function colIndex(key) {
+    for (var i = 0; i < headers.length; i++) {
+      if (headers[i].getAttribute("data-col") === key) { return i; }
+    }
+    return -1;
+  }
+  function sortBy(key, dir) {
+    var idx = colIndex(key);
+    if (idx < 0) { return false; }
+    if (dir !== "asc" && dir !== "desc") { dir = headers[idx].getAttribute("data-default-dir"); }
+    var numeric = headers[idx].getAttribute("data-type") === "num";
+    var sign = dir === "asc" ? 1 : -1;
+    var rows = Array.prototype.slice.call(tbody.rows);
+    var keyed = rows.map(function (row, pos) {
+      var raw = row.cells[idx].getAttribute("data-value");
+      var missing = raw === null || raw === "";
+      var value = missing ? null : (numeric ? parseFloat(raw) : raw);
+      if (numeric && !missing && isNaN(value)) { missing = true; value = null; }
+      return { row: row, pos: pos, value: value, missing: missing };
+    });
+    keyed.sort(function (a, b) {
+      if (a.missing !== b.missing) { return a.missing ? 1 : -1; }
+      var c = 0;
+      if (!a.missing) {
+        c = numeric ? (a.value - b.value)
+                    : String(a.value).localeCompare(String(b.value), undefined,
+                                                    { numeric: true, sensitivity: "base" });
+      }
+      return c !== 0 ? sign * c : a.pos - b.pos;
+    });
+    keyed.forEach(function (k) { tbody.appendChild(k.row); });
+    headers.forEach(function (h, i) {
+      if (i === idx) { h.setAttribute("aria-sort", dir === "asc" ? "ascending" : "descending"); }
+      else { h.removeAttribute("aria-sort"); }
+    });
+    table.setAttribute("data-sort-key", key);
+    table.setAttribute("data-sort-dir", dir);
+    return true;
+  }
+  headers.forEach(function (h) {
+    h.addEventListener("click", function () {
+      var key = h.getAttribute("data-col");
+      var dir = null;
+      if (table.getAttribute("data-sort-key") === key) {
+        dir = table.getAttribute("data-sort-dir") === "asc" ? "desc" : "asc";
+      }
+      sortBy(key, dir);
+    });
+    h.addEventListener("keydown", function (ev) {
+      if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); h.click(); }
+    });
+  });
+  function applyLocation() {
+    // query first, then the hash (the hash wins)
+    var text = (window.location.search || "").replace(/^\\?/, "") + "&" +
+               (window.location.hash || "").replace(/^#/, "");
+    var params = {};
+    text.split("&").forEach(function (part) {
+      var eq = part.indexOf("=");
+      if (eq > 0) {
+        try {
+          params[decodeURIComponent(part.slice(0, eq))] = decodeURIComponent(part.slice(eq + 1));
+        } catch (err) { /* malformed escape: ignore that parameter */ }
+      }
+    });
+    if (params.sort) { sortBy(params.sort, params.dir || null); }
+    if (params.click) {
+      params.click.split(",").forEach(function (key) {
+        var idx = colIndex(key);
+        if (idx >= 0) { headers[idx].click(); }
+      });
+    }
+  }
+  window.addEventListener("hashchange", applyLocation);
+  applyLocation();
+  table.setAttribute("data-js", "ready");
+})();
+"""
+
+
+def _render_html(rows: list[dict], entries_by_name: dict, dataset: str, threat: str,
+                 eps: str) -> str:
+    esc = lambda value: html.escape(str(value), quote=True)  # noqa: E731
+    head_cells = []
+    for key, header in COLUMNS:
+        numeric = key in _NUMERIC_COLUMNS
+        default_dir = "desc" if numeric and key != "rank" else "asc"
+        cls = ' class="num"' if numeric else ""
+        kind = "num" if numeric else "text"
+        head_cells.append(
+            f'<th scope="col" tabindex="0" data-col="{esc(key)}" data-type="{kind}" '
+            f'data-default-dir="{default_dir}"{cls}>{esc(header)}</th>')
+    body_rows = []
+    for row in rows:
+        entry = entries_by_name.get(row["model"], {})
+        cells = []
+        for key, _ in COLUMNS:
+            value = row[key]
+            data_value = "" if value is None else (repr(float(value)) if key in _NUMERIC_COLUMNS
+                                                   else str(value))
+            if key == "flags" and value == "-":
+                data_value = ""
+            text = esc(_cell_text(key, value))
+            link = entry.get("link") if key == "model" else None
+            if isinstance(link, str) and re.match(r"^https?://", link):
+                text = f'<a href="{esc(link)}" rel="noopener noreferrer">{text}</a>'
+            cls = ' class="num"' if key in _NUMERIC_COLUMNS else ""
+            cells.append(f'<td data-col="{esc(key)}" data-value="{esc(data_value)}"{cls}>'
+                         f'{text}</td>')
+        attrs = f' data-name="{esc(row["model"])}" data-rank="{row["rank"]}"'
+        if entry.get("unreliable"):
+            attrs += ' class="unreliable"'
+        if entry.get("footnote"):
+            attrs += f' title="{esc(entry["footnote"])}"'
+        body_rows.append(f"      <tr{attrs}>" + "".join(cells) + "</tr>")
+    caption = (f"Dataset: {esc(dataset)} &middot; threat model: {esc(threat)} &middot; "
+               f"eps: {esc(eps)}")
+    return "\n".join([
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '  <meta charset="utf-8">',
+        '  <meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"  <title>deqbench leaderboard: {esc(dataset)} {esc(threat)}</title>",
+        f"  <style>{_CSS}  </style>",
+        "</head>",
+        "<body>",
+        f'  <table id="leaderboard" data-dataset="{esc(dataset)}" data-threat="{esc(threat)}" '
+        f'data-eps="{esc(eps)}">',
+        f"    <caption>{caption}</caption>",
+        "    <thead>",
+        "      <tr>" + "".join(head_cells) + "</tr>",
+        "    </thead>",
+        "    <tbody>",
+        *body_rows,
+        "    </tbody>",
+        "  </table>",
+        f'  <p class="footnote">Sorted by RobustBench\'s key (external, else AutoAttack); click a '
+        f"column header to sort. Accuracies in %. Note: {esc(FOOTNOTE)}.</p>",
+        f"  <script>{_JS}  </script>",
+        "</body>",
+        "</html>",
+        "",
+    ])
+
+
+def render(folder: os.PathLike | str) -> dict[str, Path]:
+    """Read the entries of ``folder`` and write ``leaderboard.md``, ``leaderboard.csv`` (pandas,
+    accuracies as float percents) and ``leaderboard.html`` (one self-contained page: inline CSS
+    and JS, sortable columns) into it.  Returns ``{"md": path, "csv": path, "html": path}``."""
+    import pandas as pd
+
+    folder = Path(folder)
+    entries = read_entries(folder)
+    rows = table_rows(entries)
+    dataset, threat, eps = _caption(entries, folder)
+    paths = {kind: folder / name for kind, name in OUTPUT_NAMES.items()}
+
+    _write_text(paths["md"], _render_md(rows, dataset, threat, eps))
+    frame = pd.DataFrame([[row[key] for key, _ in COLUMNS] for row in rows],
+                         columns=[header for _, header in COLUMNS])
+    for key, header in COLUMNS:
+        if key in _NUMERIC_COLUMNS and key != "rank":
+            frame[header] = frame[header].astype(float)
+    _write_text(paths["csv"], frame.to_csv(index=False))
+    _write_text(paths["html"], _render_html(rows, {e["name"]: e for e in entries},
+                                            dataset, threat, eps))
+    return paths
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmark.leaderboard",
+        description="Render a leaderboard folder of RobustBench-format JSON entries.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_render = sub.add_parser("render", help="write leaderboard.md/.csv/.html into FOLDER")
+    p_render.add_argument("folder", help="e.g. leaderboards/fashion_mnist-Linf")
+    args = parser.parse_args(argv)
+    if args.command == "render":
+        try:
+            paths = render(args.folder)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        n = len(list(Path(args.folder).glob("*.json")))
+        print(f"rendered {n} entr{'y' if n == 1 else 'ies'} from {args.folder}:")
+        for kind in ("md", "csv", "html"):
+            print(f"  {paths[kind]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
