@@ -103,12 +103,21 @@ def _clean_records(model, defense, x, y, idx):
     return recs
 
 
-def _outcome_records(out, idx, y, setting, state):
+def _outcome_records(out, idx, y, setting, state, model=None, defense=None):
+    """Records of an attack outcome; for DEQs also the per-state entropies H(z[t]) and relative
+    residuals of the (defended) dynamics at the final adversarial examples (Fig. 2, Tables 6-7)."""
+    ent = res = None
+    if model is not None and getattr(model, "is_deq", False) and len(idx):
+        with torch.no_grad():
+            rec = model.run(out.x_adv.to(y.device), defense=defense, per_state=True)
+        ent, res = rec.entropies, rec.trajectory.rel_trace
     recs = []
     for k, r in enumerate(out.records(idx)):
         recs.append({"setting": setting, "example": r["example"], "label": int(y[k]),
                      "correct": int(r["correct"]), "margin": r["margin"], "state": state,
                      "nfev_nograd": r["nfev_nograd"], "nfev_grad": r["nfev_grad"],
+                     "entropies": None if ent is None else ent[:, k].tolist(),
+                     "residuals": None if res is None else res[k].tolist(),
                      "extra": {"broken_by": r["broken_by"]}})
     return recs
 
@@ -147,14 +156,15 @@ def _run_unit(db, cfg, model, defense, mkey, dkey, attack, opts, x, y, idx, prog
         out = pgd_attack(JudgedModule(model, defense, sur), x, y, eps, alpha, steps,
                          random_start=opts.get("random_start", True), seed=seed,
                          batch_size=cfg.batch_size)
-        return _outcome_records(out, idx, y, setting_name(sur) if sur else "model", state), out.config
+        return _outcome_records(out, idx, y, setting_name(sur) if sur else "model", state,
+                                model, defense), out.config
     if attack == "grid":
         settings = grid_settings(model.solver.max_iter, kas=opts.get("kas", range(1, 10)),
                                  lams=tuple(opts.get("lams", (0.5, 1.0))),
                                  preset=opts.get("preset", "reference"))
         g = grid_attack(model, defense, x, y, eps, alpha, steps, settings=settings,
                         mode=opts.get("mode", "efficient"), seed=seed, batch_size=cfg.batch_size)
-        recs = _outcome_records(g.worst, idx, y, "worst", state)
+        recs = _outcome_records(g.worst, idx, y, "worst", state, model, defense)
         for si, name in enumerate(g.settings):
             for k in range(len(idx)):
                 v = int(g.per_setting[si, k])
@@ -174,12 +184,12 @@ def _run_unit(db, cfg, model, defense, mkey, dkey, attack, opts, x, y, idx, prog
         out = autoattack_attack(JudgedModule(model, defense, sur), x, y, eps,
                                 attacks=opts.get("attacks", ("apgd-ce", "apgd-t", "fab-t", "square")),
                                 budget=opts.get("budget"), seed=seed, batch_size=cfg.batch_size)
-        return _outcome_records(out, idx, y, "ensemble", state), out.config
+        return _outcome_records(out, idx, y, "ensemble", state, model, defense), out.config
     if attack == "adaptive":
         out = adaptive_attacks(model, defense, x, y, eps, alpha, steps, seed=seed,
                                ka=opts.get("ka", 9), lam=opts.get("lam", 0.5),
                                batch_size=cfg.batch_size)
-        return _outcome_records(out, idx, y, "worst", state), out.config
+        return _outcome_records(out, idx, y, "worst", state, model, defense), out.config
     raise ValueError(f"unknown attack {attack!r}")
 
 
