@@ -187,6 +187,21 @@ def cmd_evaluate(args):
     return 0
 
 
+def cmd_leaderboard(args):
+    from benchmark.reports import leaderboard_from_db
+    from benchmark.run_config import load_run_config
+    from benchmark.runner import evaluate
+    cfg = load_run_config(args.config)
+    res = evaluate(cfg, progress=not args.quiet)  # a finished run only re-reads its database
+    if not res["complete"]:
+        raise RuntimeError("the run is incomplete; run the same command again")
+    paths = leaderboard_from_db(res["db"], root=args.root)
+    folder = paths[0].parent
+    print(f"{len(paths)} entries in {folder}/; rendered {folder}/leaderboard.md, .csv, .html")
+    print((folder / "leaderboard.md").read_text())
+    return 0
+
+
 def cmd_train(args):
     from benchmark.train import run_training
     from model_zoo.train_config import load_train_config
@@ -275,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     evp.add_argument("--device", default=None)
     evp.add_argument("--quiet", action="store_true")
     evp.set_defaults(func=cmd_evaluate)
+
+    lb = sub.add_parser("leaderboard", help="evaluate a run config (if needed) and write its leaderboard")
+    lb.add_argument("config")
+    lb.add_argument("--root", default="leaderboards")
+    lb.add_argument("--quiet", action="store_true")
+    lb.set_defaults(func=cmd_leaderboard)
 
     at = sub.add_parser("attack", help="attack one model/defense; per-example records (JSON)")
     at.add_argument("--model", required=True)

@@ -1,0 +1,97 @@
+"""From a run's results database to leaderboard entries (``deqbench leaderboard``).
+
+Every number comes from the per-example records (:func:`benchmark.runner.summarize`); budget
+labels come from the attack configurations stored with each work unit.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import model_zoo
+from benchmark.leaderboard import make_entry, render, write_entry
+from benchmark.results_db import ResultsDB
+from benchmark.runner import summarize
+
+__all__ = ["leaderboard_from_db", "entry_name"]
+
+
+def entry_name(model: str, defense: str) -> str:
+    """'deq_tiny_fmnist_pgdat' + 'early:select' -> 'deq_tiny_fmnist_pgdat+early-select'."""
+    if defense in ("final", None):
+        return model
+    if defense.startswith("{"):
+        d = json.loads(defense)
+        defense = d.get("name", "defense") + "-" + "-".join(f"{k}{v}" for k, v in sorted(d.items())
+                                                           if k != "name" and not isinstance(v, dict))
+    return model + "+" + re.sub(r"[^A-Za-z0-9._-]+", "-", defense).strip("-")
+
+
+def _budget(db: ResultsDB, model: str, defense: str) -> dict:
+    knobs, level = {}, "standard"
+    for (conf,) in db.conn.execute("SELECT config FROM units WHERE model = ? AND defense = ?",
+                                   (model, defense)):
+        c = json.loads(conf or "{}").get("attack") or {}
+        if c.get("budget") == "reduced":
+            level = "reduced"
+            from attacks.evaluation import AA_STANDARD_BUDGET
+            knobs.update({f"autoattack.{k}": v for k, v in (c.get("budget_knobs") or {}).items()
+                          if AA_STANDARD_BUDGET.get(k) != v})
+        if c.get("attack") == "grid":
+            knobs["grid.settings"] = len(c.get("settings", []))
+            knobs["grid.mode"] = c.get("mode")
+    cfg = db.get_meta("config") or {}
+    grid = (cfg.get("attacks") or {}).get("grid")
+    if grid is not None and len(grid.get("kas", range(1, 10))) * len(grid.get("lams", (0.5, 1))) < 18:
+        level = "reduced"
+    return {"level": level, "knobs": knobs}
+
+
+def leaderboard_from_db(db_path, root="leaderboards", render_files: bool = True) -> list:
+    """Write one entry per (model, defense) of the run into ``root/<dataset>-Linf/`` and render
+    the folder. Returns the written paths."""
+    with ResultsDB(db_path) as db:
+        summary = summarize(db)
+        cfg = db.get_meta("config") or {}
+        ds = db.get_meta("dataset") or {}
+        prov = db.get_meta("provenance") or {}
+        flags_all = db.get_meta("obfuscation_flags") or {}
+        paths = []
+        for _, r in summary.iterrows():
+            entry = model_zoo.get_entry(_base_name(cfg, r["model"]))
+            aa = r.get("autoattack")
+            if aa is None or aa != aa:  # no AutoAttack in this run: rank by ALL
+                aa = r["ALL"]
+            state = r.get("state")
+            mom = r.get("min_over_means")
+            deq = {"defense": r["defense"], "evaluated_state": state,
+                   "f_evals_per_forward": float(r.get("f_evals_per_forward") or 0.0),
+                   "budget": _budget(db, r["model"], r["defense"]),
+                   "data_source": f"{ds.get('name')} test subset n={ds.get('n')} seed {ds.get('seed')}",
+                   "commit": prov.get("git_commit", "unknown"), "n_examples": int(r["n"])}
+            if r.get("grid") == r.get("grid"):
+                deq["grid_worst_case_acc"] = float(r["grid"])
+            if mom is not None and mom == mom:
+                deq["min_over_means_acc"] = float(mom)
+            flags = flags_all.get(f"{r['model']}|{r['defense']}")
+            if flags:
+                deq["flags"] = flags
+            e = make_entry(entry_name(r["model"], r["defense"]), clean_acc=float(r["clean"]),
+                           autoattack_acc=float(aa), worst_case_acc=float(r["ALL"]),
+                           dataset=ds.get("name") or entry.dataset, threat="Linf",
+                           eps=float(cfg["threat"]["eps"]), architecture=entry.architecture,
+                           number_forward_passes=1, deq=deq, venue=entry.venue or "",
+                           reported=entry.paper or "", link="",
+                           footnote=f"deqbench run {cfg.get('name')}; training: {entry.training}")
+            paths.append(write_entry(e, root))
+    if render_files and paths:
+        render(paths[0].parent)
+    return paths
+
+
+def _base_name(cfg: dict, key: str) -> str:
+    for m in cfg.get("models", []):
+        if (m.get("label") or m["name"]) == key:
+            return m["name"]
+    return key
