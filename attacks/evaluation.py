@@ -203,6 +203,8 @@ def _uniform_noise(shape, seed: int, device, dtype) -> Tensor:
 
 
 def _clean_correct(judged, x, y, meter, batch_size):
+    if len(x) == 0:
+        return torch.zeros(0, dtype=torch.bool, device=x.device), x.new_zeros(0, 1)
     with meter.on(torch.arange(len(x))):
         logits = _batched_reported(judged, x, batch_size)
     return logits.argmax(-1) == y, logits
@@ -244,7 +246,8 @@ def pgd_attack(judged: JudgedModule, x: Tensor, y: Tensor, eps: float, alpha: fl
                early_stop: bool = True, clean_correct: Optional[Tensor] = None,
                batch_size: int = 256, name: str = "pgd", budget: str = "standard") -> AttackOutcome:
     """l_inf PGD on ``judged``: ``steps`` steps x <- clip(Proj_eps(x + alpha sign(grad CE))) from a
-    uniform random start (noise drawn per example from ``seed``: batch-composition invariant).
+    uniform random start (noise drawn for the whole of ``x`` from ``seed``, so internal batching
+    and early stopping do not change any example's start; a different ``x`` gives other starts).
 
     ``early_stop``: a point whose current iterate the reported forward misclassifies is frozen
     there (its adversarial example); otherwise PGD returns the last iterate. Either way the
@@ -349,7 +352,9 @@ def grid_attack(model, reported, x: Tensor, y: Tensor, eps: float, alpha: float,
     for si, src in enumerate(settings):
         judged = JudgedModule(model, reported, src, fused=mode != "naive")
         todo = (robust if mode == "efficient" else clean_correct).nonzero().flatten()
-        noise = _uniform_noise(x.shape, derive_seed(seed, "grid", si), x.device, x.dtype)
+        # the random start depends on (seed, setting), not on the setting's position in the list
+        noise = _uniform_noise(x.shape, derive_seed(seed, "grid", setting_name(src)), x.device,
+                               x.dtype)
         start = (x + (2 * noise - 1) * eps).clamp(0, 1) if random_start else x.clone()
         for s in range(0, len(todo), batch_size):
             b = todo[s:s + batch_size]
@@ -477,8 +482,10 @@ def autoattack_attack(judged: JudgedModule, x: Tensor, y: Tensor, eps: float,
         acc_att = clean_correct.clone()
         for s in range(0, len(todo), batch_size):
             b = todo[s:s + batch_size]
-            with meter.on(b.cpu()):
+            rows0 = judged.rows
+            with meter.on(b.cpu(), queries=0.0):
                 xa = run(name, x[b].clone(), y[b].clone()).detach()
+            meter.queries[b.cpu()] += (judged.rows - rows0) / max(len(b), 1)
             c, m = rescore(judged, xa, x[b], y[b], eps, meter, b.cpu(), batch_size)
             acc_att[b] = c
             for j in (~c).nonzero().flatten().tolist():
@@ -526,8 +533,10 @@ def torchattacks_attack(judged: JudgedModule, x: Tensor, y: Tensor, eps: float, 
     torch.manual_seed(seed)  # torchattacks draws its random starts from the global generator
     for s in range(0, len(todo), batch_size):
         b = todo[s:s + batch_size]
-        with meter.on(b.cpu()):
+        rows0 = judged.rows
+        with meter.on(b.cpu(), queries=0.0):
             x_adv[b] = atk(x[b], y[b]).detach()
+        meter.queries[b.cpu()] += (judged.rows - rows0) / max(len(b), 1)
         judged.eval()  # torchattacks 3.5.1 may leave the model in train mode (library-facts)
     correct, margin = rescore(judged, x_adv, x, y, eps, meter, batch_size=batch_size)
     correct &= clean_correct

@@ -15,6 +15,8 @@ def check_linf_ball(x_adv: Tensor, x: Tensor, eps: float, tol: float = 1e-6) -> 
     """Raise ValueError unless every x_adv lies in [0, 1] and within eps (l_inf) of x."""
     if x_adv.shape != x.shape:
         raise ValueError(f"adversarial batch shape {tuple(x_adv.shape)} != clean {tuple(x.shape)}")
+    if x_adv.numel() == 0:
+        return
     if not torch.isfinite(x_adv).all():
         raise ValueError("adversarial examples contain NaN/inf")
     dist = (x_adv - x).abs().flatten(1).max(1).values

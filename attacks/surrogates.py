@@ -195,6 +195,7 @@ class JudgedModule(nn.Module):
         self.reported = reported if reported is not None else getattr(model, "defense", None)
         self.surrogate = surrogate
         self.fused = bool(fused)
+        self.rows = 0  # input rows seen by forward(): library attacks' query counts
         if isinstance(surrogate, UnrolledIntermediate) and self.is_deq:
             surrogate.check(model)
 
@@ -222,6 +223,7 @@ class JudgedModule(nn.Module):
         return r + (s - s.detach())
 
     def forward(self, x: Tensor) -> Tensor:
+        self.rows += x.shape[0]
         if not self.is_deq:
             return self.model(x)
         if self.surrogate is None or not (torch.is_grad_enabled() and x.requires_grad):
