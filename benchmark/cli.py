@@ -202,6 +202,16 @@ def cmd_leaderboard(args):
     return 0
 
 
+def cmd_tables(args):
+    from benchmark.tables import main as tables_main
+    return tables_main([args.run] + (["--out", args.out] if args.out else []))
+
+
+def cmd_figures(args):
+    from benchmark.figures import main as figures_main
+    return figures_main([args.run] + (["--out", args.out] if args.out else []))
+
+
 def cmd_train(args):
     from benchmark.train import run_training
     from model_zoo.train_config import load_train_config
@@ -296,6 +306,15 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--root", default="leaderboards")
     lb.add_argument("--quiet", action="store_true")
     lb.set_defaults(func=cmd_leaderboard)
+
+    tb = sub.add_parser("tables", help="the paper's tables of a run (Markdown + CSV), from its database")
+    tb.add_argument("run", help="run folder (with results.sqlite) or the .sqlite file")
+    tb.add_argument("--out", default=None)
+    tb.set_defaults(func=cmd_tables)
+    fg = sub.add_parser("figures", help="the paper's figures of a run (PNG + PDF), from its database")
+    fg.add_argument("run", help="run folder (with results.sqlite) or the .sqlite file")
+    fg.add_argument("--out", default=None)
+    fg.set_defaults(func=cmd_figures)
 
     at = sub.add_parser("attack", help="attack one model/defense; per-example records (JSON)")
     at.add_argument("--model", required=True)

@@ -216,6 +216,16 @@ def evaluate(cfg: RunConfig, progress: bool = True, rank: Optional[int] = None,
         torch.distributed.init_process_group("gloo")
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     path = db_path(cfg, rank, world)
+    merged_path = cfg.run_dir / "results.sqlite"
+    if world > 1 and merged_path.is_file():
+        # Rank 0 merges into results.sqlite, skipping the units it already holds: it must not
+        # hold results of another configuration (checked on every rank, before any barrier).
+        with ResultsDB(merged_path) as merged_db:
+            old = merged_db.get_meta("config_hash")
+        if old is not None and old != cfg.hash():
+            raise ValueError(f"{merged_path} holds results of a different configuration (hash "
+                             f"{old} vs {cfg.hash()}); give the run a new name or delete "
+                             f"{cfg.run_dir}")
     db = ResultsDB(path)
     old = db.get_meta("config_hash")
     if old is not None and old != cfg.hash():

@@ -1,0 +1,646 @@
+"""``deqbench evaluate`` (benchmark.runner): config validation, the results database and its
+summary, resumption (re-run, SIGKILL, ``stop_after_units``), 2-process (gloo) sharding, and the
+atomicity of :meth:`ResultsDB.commit_unit` / :func:`merge`.
+
+Every run here is tiny (12 Fashion-MNIST test images in shards of 4, 2-step PGD, a one-setting
+grid, 3-iteration APGD-CE) on small checkpoints written into tmp folders."""
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+import model_zoo as mz
+from benchmark.results_db import ResultsDB, merge
+from benchmark.run_config import ConfigError, from_dict, load_run_config
+from benchmark.runner import evaluate, summarize
+from tests.conftest import calibrate_batchnorm
+
+REPO = Path(__file__).resolve().parent.parent
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+needs_data = pytest.mark.skipif(not (FMNIST / "t10k-images-idx3-ubyte.gz").is_file()
+                                and not (FMNIST / "t10k-images-idx3-ubyte").is_file(),
+                                reason="Fashion-MNIST (dataset-fashion-mnist) not installed")
+
+N, SHARD = 12, 4
+N_SHARDS = 3
+# (model key, defense) pairs x (clean, pgd, grid, autoattack) x shards
+PAIRS = [("deq_tiny_fashion_mnist", "final"), ("deq_tiny_fashion_mnist", "early:select"),
+         ("small_cnn_fashion_mnist", "final")]
+ATTACKS = ("clean", "pgd", "grid", "autoattack")
+PLANNED = len(PAIRS) * len(ATTACKS) * N_SHARDS
+KEY = ["model", "defense", "attack", "setting", "example"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The subprocesses run with OMP_NUM_THREADS=1; compare with in-process runs at equal threads.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A BatchNorm-calibrated untrained deq_tiny_fashion_mnist and a briefly trained small CNN
+    (so that both have non-trivial clean and robust accuracies)."""
+    d = tmp_path_factory.mktemp("ckpt")
+    n0 = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        deq = calibrate_batchnorm(mz.create("deq_tiny_fashion_mnist", dropout=0.0),
+                                  torch.rand(64, 1, 28, 28))
+        mz.save_checkpoint(deq, d / "deq.pt")
+        torch.manual_seed(0)
+        cnn = mz.create("small_cnn_fashion_mnist")
+        if FMNIST.is_dir():
+            from benchmark.data import load_dataset
+            ds = load_dataset("fashion_mnist", "test")
+            x, y = ds.images[5000:7000], ds.labels[5000:7000]  # not the evaluated images
+            opt = torch.optim.Adam(cnn.parameters(), 3e-3)
+            cnn.train()
+            for _ in range(30):
+                i = torch.randint(0, len(y), (32,))
+                loss = torch.nn.functional.cross_entropy(cnn(x[i]), y[i])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        cnn.eval()
+        mz.save_checkpoint(cnn, d / "cnn.pt")
+        # the registry rebuilds the default architectures: the checkpoints must load into them
+        x = torch.rand(5, 1, 28, 28)
+        deq_l = mz.load("deq_tiny_fashion_mnist", checkpoint=d / "deq.pt")
+        cnn_l = mz.load("small_cnn_fashion_mnist", checkpoint=d / "cnn.pt")
+        with torch.no_grad():
+            assert torch.allclose(deq_l(x), deq.eval()(x), atol=1e-5)
+            assert torch.allclose(cnn_l(x), cnn(x), atol=1e-6)
+    finally:
+        torch.set_num_threads(n0)
+    return {"deq": str(d / "deq.pt"), "cnn": str(d / "cnn.pt")}
+
+
+def _raw(ckpts, output, name="tiny", **over):
+    raw = {
+        "name": name, "output": str(output), "seed": 0, "device": "cpu", "batch_size": 16,
+        "shard_size": SHARD,
+        "data": {"dataset": "fashion_mnist", "n": N, "seed": 0, "val_n": 8},
+        "threat": {"norm": "Linf", "eps": 0.05},
+        "models": [{"name": "deq_tiny_fashion_mnist", "checkpoint": ckpts["deq"],
+                    "defenses": ["final", "early:select"]},
+                   {"name": "small_cnn_fashion_mnist", "checkpoint": ckpts["cnn"]}],
+        "attacks": {"pgd": {"steps": 2},
+                    "grid": {"steps": 2, "kas": [1], "lams": [1.0]},
+                    "autoattack": {"attacks": ["apgd-ce"], "budget": {"apgd_n_iter": 3}}},
+    }
+    raw.update(over)
+    return raw
+
+
+def _cfg(ckpts, output, **over):
+    return from_dict(_raw(ckpts, output, **over))
+
+
+def _write_yaml(ckpts, output, **over) -> Path:
+    p = Path(output) / "config.yaml"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(yaml.safe_dump(_raw(ckpts, output, **over)))
+    return p
+
+
+def _query(path, sql, params=()):
+    con = sqlite3.connect(str(path), timeout=60)
+    try:
+        return con.execute(sql, params).fetchall()
+    finally:
+        con.close()
+
+
+def _records(path) -> pd.DataFrame:
+    con = sqlite3.connect(str(path), timeout=60)
+    try:
+        df = pd.read_sql_query("SELECT * FROM records", con)
+    finally:
+        con.close()
+    return df.drop(columns=["wall_s"]).sort_values(KEY).reset_index(drop=True)
+
+
+def _units(path) -> pd.DataFrame:
+    con = sqlite3.connect(str(path), timeout=60)
+    try:
+        df = pd.read_sql_query("SELECT unit_id, model, defense, attack, shard, n_examples, config "
+                               "FROM units", con)
+    finally:
+        con.close()
+    return df.sort_values("unit_id").reset_index(drop=True)
+
+
+def _vec(s):
+    return None if s is None or (isinstance(s, float) and np.isnan(s)) else json.loads(s)
+
+
+def assert_same_records(a_path, b_path):
+    """Record tables equal up to timing: keys, labels, correctness, states, f-evaluation counts
+    and extras exactly; margins within 1e-6; entropies/residuals within 1e-5. Same work units."""
+    a, b = _records(a_path), _records(b_path)
+    assert len(a) > 0
+    assert len(a) == len(b), (f"{len(a)} vs {len(b)} records; only in one: "
+                              f"{set(map(tuple, a[KEY].values)) ^ set(map(tuple, b[KEY].values))}")
+    assert not a.duplicated(KEY).any() and not b.duplicated(KEY).any()
+    exact = KEY + ["label", "correct", "state", "nfev_nograd", "nfev_grad", "unit_id", "extra"]
+    pd.testing.assert_frame_equal(a[exact], b[exact])
+    np.testing.assert_allclose(a.margin.to_numpy(float), b.margin.to_numpy(float), atol=1e-6,
+                               rtol=0)
+    for col in ("entropies", "residuals"):
+        for u, v in zip(a[col], b[col]):
+            u, v = _vec(u), _vec(v)
+            assert (u is None) == (v is None)
+            if u is not None:
+                np.testing.assert_allclose(u, v, atol=1e-5, rtol=0)
+    pd.testing.assert_frame_equal(_units(a_path), _units(b_path))
+
+
+def _assert_complete(path):
+    u = _units(path)
+    assert len(u) == PLANNED and u.unit_id.is_unique
+    # every record belongs to a finished unit, and each unit holds exactly its records
+    orphans = _query(path, "SELECT COUNT(*) FROM records WHERE unit_id NOT IN "
+                           "(SELECT unit_id FROM units)")[0][0]
+    assert orphans == 0
+    per_unit = dict(_query(path, "SELECT unit_id, COUNT(*) FROM records GROUP BY unit_id"))
+    for uid, n in zip(u.unit_id, u.n_examples):
+        assert per_unit.get(uid, 0) == n, uid
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _cli(config):
+    return [sys.executable, "-m", "benchmark.cli", "evaluate", str(config), "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoints, tmp_path_factory):
+    """One uninterrupted single-process run: (config, result, database path)."""
+    out = tmp_path_factory.mktemp("reference")
+    cfg = _cfg(checkpoints, out)
+    n0 = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = evaluate(cfg, progress=False)
+    finally:
+        torch.set_num_threads(n0)
+    return cfg, res, Path(res["db"])
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. configuration errors
+# ------------------------------------------------------------------------------------------------
+
+def _ok():
+    return {"name": "t", "threat": {"eps": 0.1}, "models": ["deq_tiny_fashion_mnist"],
+            "attacks": {"pgd": {"steps": 2}}}
+
+
+def _with(**over):
+    raw = _ok()
+    for k, v in over.items():
+        raw[k] = v
+    return raw
+
+
+@pytest.mark.parametrize("raw, match", [
+    (_with(epochs=3), r"run config: epochs: unknown key"),
+    (_with(attacks={"cw": {}}), r"attacks\.cw: unknown attack"),
+    (_with(attacks={"pgd": {"stepz": 3}}), r"attacks\.pgd\.stepz: unknown option"),
+    (_with(attacks={"pgd": {"steps": 0}}), r"attacks\.pgd\.steps: must be an integer >= 1"),
+    (_with(threat={"eps": -0.1}), r"threat\.eps: must be a number in \[0, 1\].*-0\.1"),
+    (_with(threat={"eps": 2}), r"threat\.eps: must be a number in \[0, 1\].*got 2"),
+    (_with(threat={"eps": 0.1, "norm": "L2"}), r"threat\.norm: only 'Linf'"),
+    (_with(attacks={"grid": {"lams": [0.5, 1.5]}}), r"attacks\.grid\.lams: .*\(0, 1\], got 1\.5"),
+    (_with(attacks={"grid": {"kas": [1, 0]}}), r"attacks\.grid\.kas: .*>= 1, got 0"),
+    (_with(attacks={"grid": {"mode": "fast"}}), r"attacks\.grid\.mode: .*got 'fast'"),
+    (_with(models=["deq_tiny_fashion_mnist", "no_such_model"]),
+     r"models\[1\]\.name: unknown model 'no_such_model'"),
+    (_with(models=["deq_tiny_fashion_mnist", {"name": "deq_tiny_fashion_mnist"}]),
+     r"models\[1\]: duplicate model 'deq_tiny_fashion_mnist'.*label"),
+    (_with(models=[{"name": "deq_tiny_fashion_mnist", "ckpt": "x.pt"}]),
+     r"models\[0\]\.ckpt: unknown key"),
+    (_with(models=[{"name": "deq_tiny_fashion_mnist", "defenses": "final"}]),
+     r"models\[0\]\.defenses: must be a list"),
+    (_with(models=[]), r"models: a non-empty list"),
+    (_with(attacks={"autoattack": {"attacks": ["apgd-ce", "cw"]}}),
+     r"attacks\.autoattack\.attacks: unknown attack 'cw'"),
+    (_with(attacks={"autoattack": {"budget": {"apgd_iters": 3}}}),
+     r"attacks\.autoattack\.budget\.apgd_iters: unknown knob"),
+    (_with(data={"n": 0}), r"data\.n: must be an integer >= 1"),
+    (_with(data={"size": 10}), r"data\.size: unknown key"),
+    (_with(shard_size=0), r"shard_size: must be an integer >= 1"),
+    (_with(name="a/b"), r"name: a non-empty name without '/'"),
+    (_with(device="tpu"), r"device: must be 'cpu' or 'cuda"),
+    (_with(models=["deq_tiny_fashion_mnist", "deq_tiny_cifar10"]),
+     r"data\.dataset: required when the models come from different datasets"),
+])
+def test_config_errors_name_the_key(raw, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(raw)
+
+
+def test_config_valid_and_file_errors(tmp_path):
+    cfg = from_dict(_with(models=["deq_tiny_fashion_mnist",
+                                  {"name": "deq_tiny_fashion_mnist", "label": "deq2",
+                                   "defenses": ["final", "early:3"]}],
+                          threat={"eps": "1/10"}))
+    assert [m.key for m in cfg.models] == ["deq_tiny_fashion_mnist", "deq2"]
+    assert cfg.eps == pytest.approx(0.1) and cfg.data["dataset"] == "fashion_mnist"
+    # the hash ignores where and how the run is stored, not what it computes
+    h = cfg.hash()
+    assert from_dict(_with(models=cfg.to_dict()["models"], threat={"eps": 0.1},
+                           output="elsewhere", description="x", batch_size=7)).hash() == h
+    assert from_dict(_with(models=cfg.to_dict()["models"], threat={"eps": 0.1}, seed=1)).hash() != h
+    with pytest.raises(ConfigError, match="missing.yaml not found"):
+        load_run_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodels: [a, b\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_run_config(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must be a YAML mapping"):
+        load_run_config(lst)
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(_ok()))
+    assert load_run_config(good).source == str(good)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. the database and the summary
+# ------------------------------------------------------------------------------------------------
+
+@needs_data
+def test_evaluate_writes_meta_units_records(reference):
+    cfg, res, path = reference
+    assert path == cfg.run_dir / "results.sqlite" and path.is_file()
+    assert res["complete"] and res["units_run"] == PLANNED
+    with ResultsDB(path) as db:
+        meta = db.meta()
+    assert meta["config"] == json.loads(json.dumps(cfg.to_dict()))
+    assert meta["config_hash"] == cfg.hash()
+    assert meta["seed"] == 0
+    prov = meta["provenance"]
+    assert prov["git_commit"] and {"python", "torch", "numpy"} <= set(prov["versions"])
+    assert prov["versions"]["torch"] == torch.__version__.split("+")[0] or \
+        prov["versions"]["torch"] == torch.__version__
+    assert meta["start_time"] <= meta["end_time"] <= time.time()
+    assert meta["dataset"]["n"] == N and len(meta["dataset"]["indices"]) == N
+    sel = meta["early_select/deq_tiny_fashion_mnist"]
+    assert {"index", "selection"} <= set(sel)
+    _assert_complete(path)
+    recs = _records(path)
+    assert set(recs.example) == set(meta["dataset"]["indices"])
+    # states as reported: final, the selected early state, the CNN's output
+    for (mk, dk), g in recs.groupby(["model", "defense"]):
+        state = {"final": "final", "early:select": f"z[{sel['index']}]"}[dk] \
+            if mk.startswith("deq") else "output"
+        assert set(g.state.dropna()) == {state}, (mk, dk)
+    # DEQ clean passes carry per-state entropies and residuals
+    clean_deq = recs[(recs.attack == "clean") & recs.model.str.startswith("deq")]
+    assert clean_deq.entropies.notna().all() and clean_deq.residuals.notna().all()
+    # the CNN has no grid records; its grid units are committed as skipped
+    assert not len(recs[(recs.model == "small_cnn_fashion_mnist") & (recs.attack == "grid")])
+    u = _units(path)
+    skipped = u[(u.model == "small_cnn_fashion_mnist") & (u.attack == "grid")]
+    assert len(skipped) == N_SHARDS and (skipped.n_examples == 0).all()
+    assert all(json.loads(c) == {"skipped": True} for c in skipped.config)
+
+
+@needs_data
+def test_summary_equals_aggregates_of_records(reference):
+    cfg, res, path = reference
+    summ = res["summary"]
+    with ResultsDB(path) as db:
+        pd.testing.assert_frame_equal(summarize(db), summ)
+    recs = _records(path)
+    assert len(summ) == len(PAIRS)
+    assert list(zip(summ.model, summ.defense)) == PAIRS
+    attack_sel = {"pgd": None, "grid": "worst", "autoattack": "ensemble"}
+    nontrivial = 0
+    for _, row in summ.iterrows():
+        g = recs[(recs.model == row.model) & (recs.defense == row.defense)]
+        clean = g[g.attack == "clean"].set_index("example").correct
+        assert row.n == N == len(clean)
+        assert row.clean == pytest.approx(clean.mean())
+        nf = g[g.attack == "clean"]
+        assert row.f_evals_per_forward == pytest.approx((nf.nfev_nograd + nf.nfev_grad).mean())
+        per = {"clean": clean}
+        for att, setting in attack_sel.items():
+            a = g[g.attack == att]
+            if setting is not None:
+                a = a[a.setting == setting]
+            if not len(a):
+                assert pd.isna(row.get(att)), (row.model, att)
+                continue
+            s = a.set_index("example").correct
+            assert s.index.is_unique and set(s.index) == set(clean.index)
+            per[att] = s
+            assert row[att] == pytest.approx(s.mean()), (row.model, row.defense, att)
+        allc = pd.concat(per, axis=1).min(axis=1)
+        assert row.ALL == pytest.approx(allc.mean())
+        assert row.ALL <= min(row[k] for k in per) + 1e-12
+        # an example robust in ALL is correct under every attack record, grid settings included
+        robust = set(allc[allc == 1].index)
+        others = g[g.example.isin(robust)]
+        assert (others.correct == 1).all()
+        # the grid's worst case is the per-example minimum over the settings recorded
+        grid = g[(g.attack == "grid") & (g.setting != "worst")]
+        if len(grid):
+            assert grid.setting.nunique() == 8  # i = 1..8, Ka = 1, lambda = 1
+            worst_min = grid.groupby("example").correct.min()
+            assert (worst_min.reindex(per["grid"].index) == per["grid"]).all()
+            assert (per["grid"] <= per["clean"]).all()
+            counts = grid.groupby("setting").example.nunique()
+            if (counts == N).all():
+                means = grid.groupby("setting").correct.mean()
+                assert row.min_over_means == pytest.approx(means.min())
+                assert row.strongest_setting == means.idxmin()
+            else:
+                assert pd.isna(row.get("min_over_means"))
+        nontrivial += 0 < row.ALL or 0 < row.clean
+    assert nontrivial >= 2, summ  # the fixture models are not trivially wrong everywhere
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. re-running
+# ------------------------------------------------------------------------------------------------
+
+@needs_data
+def test_rerun_is_a_noop_and_other_config_is_refused(reference, checkpoints, tmp_path):
+    cfg, res, path = reference
+    # a copy of the finished run folder (the hash ignores the output folder)
+    shutil.copytree(cfg.run_dir, tmp_path / cfg.name)
+    again = evaluate(_cfg(checkpoints, tmp_path, description="again", batch_size=5),
+                     progress=False)
+    assert again["units_run"] == 0 and again["complete"]
+    pd.testing.assert_frame_equal(again["summary"], res["summary"])
+    assert_same_records(path, again["db"])
+    n_records = _query(again["db"], "SELECT COUNT(*) FROM records")[0][0]
+    for over in ({"seed": 1}, {"threat": {"eps": 0.1}},
+                 {"attacks": {"pgd": {"steps": 3}}}):
+        with pytest.raises(ValueError, match="different configuration"):
+            evaluate(_cfg(checkpoints, tmp_path, **over), progress=False)
+    assert _query(again["db"], "SELECT COUNT(*) FROM records")[0][0] == n_records
+    with ResultsDB(again["db"]) as db:
+        assert db.get_meta("config_hash") == cfg.hash()
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. resume after SIGKILL (subprocess)
+# ------------------------------------------------------------------------------------------------
+
+@needs_data
+def test_resume_after_sigkill_equals_uninterrupted(reference, checkpoints, tmp_path):
+    _, _, ref_path = reference
+    config = _write_yaml(checkpoints, tmp_path)
+    db = tmp_path / "tiny" / "results.sqlite"
+    proc = subprocess.Popen(_cli(config), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    killed_at = None
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                break
+            if db.is_file():
+                try:
+                    k = _query(db, "SELECT COUNT(*) FROM units")[0][0]
+                except sqlite3.OperationalError:  # schema not created yet
+                    k = 0
+                if k >= 4:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    killed_at = k
+                    break
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None and killed_at is None:
+            proc.kill()
+        out = proc.communicate()[0].decode(errors="replace")
+    assert killed_at is not None, f"run ended (rc {proc.returncode}) before it could be killed:\n{out}"
+    assert proc.returncode == -signal.SIGKILL
+    done = _query(db, "SELECT COUNT(*) FROM units")[0][0]
+    assert 4 <= done < PLANNED, done
+    # nothing of an unfinished unit is in the database
+    assert _query(db, "SELECT COUNT(*) FROM records WHERE unit_id NOT IN "
+                      "(SELECT unit_id FROM units)")[0][0] == 0
+    with ResultsDB(db) as d:
+        assert d.get_meta("end_time") is None
+        start = d.get_meta("start_time")
+    # restart with the same command: it runs exactly the missing units
+    r = subprocess.run(_cli(config), cwd=REPO, env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"{PLANNED - done} work units run now" in r.stdout, r.stdout
+    assert "incomplete" not in r.stdout
+    _assert_complete(db)
+    with ResultsDB(db) as d:
+        assert d.get_meta("start_time") == start and d.get_meta("end_time") >= start
+    assert_same_records(ref_path, db)
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. stop_after_units + continue == one run
+# ------------------------------------------------------------------------------------------------
+
+@needs_data
+def test_partial_then_continued_equals_single_run(reference, checkpoints, tmp_path):
+    _, ref_res, ref_path = reference
+    # 14 units: past the first units of (deq, early:select), whose selection is stored in meta
+    part = evaluate(_cfg(checkpoints, tmp_path), progress=False, stop_after_units=14)
+    assert part["units_run"] == 14 and not part["complete"]
+    assert _query(part["db"], "SELECT COUNT(*) FROM units")[0][0] == 14
+    with ResultsDB(part["db"]) as d:
+        assert d.get_meta("end_time") is None
+        sel = d.get_meta("early_select/deq_tiny_fashion_mnist")
+    assert sel is not None
+    rest = evaluate(_cfg(checkpoints, tmp_path), progress=False)
+    assert rest["units_run"] == PLANNED - 14 and rest["complete"]
+    with ResultsDB(rest["db"]) as d:
+        assert d.get_meta("early_select/deq_tiny_fashion_mnist") == sel
+    _assert_complete(rest["db"])
+    assert_same_records(ref_path, rest["db"])
+    pd.testing.assert_frame_equal(rest["summary"], ref_res["summary"])
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. torchrun-style sharding over 2 gloo processes
+# ------------------------------------------------------------------------------------------------
+
+@needs_data
+def test_two_process_sharding_equals_single_process(reference, checkpoints, tmp_path,
+                                                   monkeypatch):
+    _, ref_res, ref_path = reference
+    ref_summary = ref_res["summary"]
+    config = _write_yaml(checkpoints, tmp_path)
+    port = _free_port()
+    procs = [subprocess.Popen(_cli(config), cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT,
+                              env=_env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=2,
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+             for r in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=300)[0].decode(errors="replace"))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0], "\n----\n".join(outs)
+    run = tmp_path / "tiny"
+    r0, r1, merged = (run / "results.rank0.sqlite", run / "results.rank1.sqlite",
+                      run / "results.sqlite")
+    assert r0.is_file() and r1.is_file() and merged.is_file()
+    # rank r took shards r, r + 2, ...: rank 0 shards 0-4 and 8-12, rank 1 shard 4-8
+    per_pair = len(PAIRS) * len(ATTACKS)
+    assert sorted(set(_units(r0).shard)) == ["0-4", "8-12"] and len(_units(r0)) == 2 * per_pair
+    assert sorted(set(_units(r1).shard)) == ["4-8"] and len(_units(r1)) == per_pair
+    assert set(_query(r1, "SELECT rank FROM units")) == {(1,)}
+    _assert_complete(merged)
+    assert_same_records(ref_path, merged)
+    with ResultsDB(merged) as d:
+        meta = d.meta()
+    with ResultsDB(ref_path) as d:
+        ref_meta = d.meta()
+    assert meta["config_hash"] == ref_meta["config_hash"]
+    assert meta["dataset"] == ref_meta["dataset"]
+    assert meta["early_select/deq_tiny_fashion_mnist"] == ref_meta["early_select/deq_tiny_fashion_mnist"]
+    assert "end_time" in meta
+    assert "results database:" in outs[0] and "work units run now" in outs[0]
+    # the same command again (here rank by rank, without a process group) has nothing to do
+    cfg = load_run_config(config)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert evaluate(cfg, progress=False, rank=1, world=2)["units_run"] == 0
+    assert evaluate(cfg, progress=False, rank=0, world=2)["units_run"] == 0
+    assert_same_records(ref_path, merged)
+    # and a single-process run finds the merged database complete
+    again = evaluate(cfg, progress=False, rank=0, world=1)
+    assert again["units_run"] == 0 and again["complete"] and again["db"] == merged
+    pd.testing.assert_frame_equal(again["summary"], ref_summary)
+
+
+@needs_data
+def test_sharded_run_refuses_merged_db_of_other_config(reference, checkpoints, tmp_path,
+                                                       monkeypatch):
+    """Rank 0 merges into results.sqlite and skips the units already there: a sharded run of
+    another configuration must be refused by every rank, not be silently 'merged' into it."""
+    cfg, _, ref_path = reference
+    shutil.copytree(cfg.run_dir, tmp_path / cfg.name)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    for rank in (1, 0):
+        with pytest.raises(ValueError, match="results.sqlite holds results of a different"):
+            evaluate(_cfg(checkpoints, tmp_path, seed=1), progress=False, rank=rank, world=2)
+    assert not list((tmp_path / cfg.name).glob("results.rank*.sqlite"))
+    assert_same_records(ref_path, tmp_path / cfg.name / "results.sqlite")
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. ResultsDB.commit_unit atomicity and merge
+# ------------------------------------------------------------------------------------------------
+
+def _rec(example, correct=1, **kw):
+    r = {"setting": "-", "example": example, "label": 3, "correct": correct, "margin": 0.5,
+         "state": "final", "entropies": [0.1, 0.2], "nfev_nograd": 9.0, "nfev_grad": 0.0}
+    r.update(kw)
+    return r
+
+
+def _commit(db, uid, examples, **kw):
+    return db.commit_unit(uid, "m", "final", "clean", uid, [_rec(e) for e in examples], 1.0,
+                          {"a": 1}, **kw)
+
+
+def test_commit_unit_is_atomic(tmp_path):
+    with ResultsDB(tmp_path / "r.sqlite") as db:
+        assert _commit(db, "u1", [0, 1]) == 2
+        bad = [_rec(2), _rec(3), _rec(4)]
+        del bad[2]["correct"]  # the 3rd record violates NOT NULL
+        with pytest.raises(sqlite3.IntegrityError):
+            db.commit_unit("u2", "m", "final", "clean", "2-5", bad, 1.0)
+        assert not db.is_done("u2") and db.done_units() == {"u1"}
+        assert db.count("records") == 2
+        assert db.conn.execute("SELECT COUNT(*) FROM records WHERE unit_id = 'u2'").fetchone()[0] == 0
+        # a duplicate (model, defense, attack, setting, example) of a committed unit: rolled back
+        with pytest.raises(sqlite3.IntegrityError):
+            _commit(db, "u3", [5, 1])
+        assert not db.is_done("u3") and db.count("records") == 2
+        # committing a finished unit again is an error and writes nothing
+        with pytest.raises(RuntimeError, match="already in the database"):
+            _commit(db, "u1", [7, 8])
+        assert db.count("records") == 2 and db.count("units") == 1
+        # the database is still usable after the failures
+        assert _commit(db, "u2", [2, 3, 4]) == 3
+        assert db.done_units() == {"u1", "u2"}
+        f = db.records_frame(unit_id="u2")
+        assert sorted(f.example) == [2, 3, 4] and json.loads(f.entropies[0]) == [0.1, 0.2]
+        assert db.conn.execute("SELECT n_examples, config FROM units WHERE unit_id = 'u2'"
+                               ).fetchone() == (3, json.dumps({"a": 1}))
+    # a second connection (another process) sees exactly the committed state
+    with ResultsDB(tmp_path / "r.sqlite") as db:
+        assert db.done_units() == {"u1", "u2"} and db.count("records") == 5
+
+
+def test_merge_skips_units_already_present(tmp_path):
+    a, b, t = tmp_path / "a.sqlite", tmp_path / "b.sqlite", tmp_path / "t.sqlite"
+    with ResultsDB(a) as db:
+        db.set_meta("config_hash", "h")
+        _commit(db, "u1", [0, 1])
+        _commit(db, "u2", [2, 3], rank=0)
+    with ResultsDB(b) as db:
+        db.set_meta("config_hash", "other")
+        db.set_meta("only_b", 1)
+        # u2 again (same primary keys: merging it would violate the records' PRIMARY KEY)
+        _commit(db, "u2", [2, 3], rank=1)
+        _commit(db, "u3", [4], rank=1)
+    with ResultsDB(t) as db:
+        _commit(db, "u1", [0, 1])
+    assert merge(t, [a, b]) == 2  # u2 (from a) and u3; u1 was there, u2 of b is skipped
+    with ResultsDB(t) as db:
+        assert db.done_units() == {"u1", "u2", "u3"}
+        assert db.count("records") == 5
+        f = db.records_frame()
+        assert not f.duplicated(KEY).any()
+        assert dict(db.conn.execute("SELECT unit_id, rank FROM units")) == {
+            "u1": 0, "u2": 0, "u3": 1}
+        # meta: first source wins, missing keys come from later sources
+        assert db.get_meta("config_hash") == "h" and db.get_meta("only_b") == 1
+    assert merge(t, [a, b]) == 0
+    with ResultsDB(t) as db:
+        assert db.count("records") == 5 and db.count("units") == 3

@@ -1,0 +1,358 @@
+"""benchmark/tables.py and benchmark/figures.py on a small synthetic results database.
+
+The database is written with ``ResultsDB.commit_unit`` exactly as the runner writes it: 8 test
+examples (indices 100..107), two models -- a DEQ ``deq_a`` (N = 4 states) with the reported
+forwards ``final`` and ``early:select`` (state z[3]) and a non-DEQ ``cnn_b`` -- and clean, pgd,
+grid (worst + the 16 settings i in 1..4, Ka in {1, 2}, lambda in {0.5, 1}) and autoattack
+records. Expected numbers below are worked out by hand from these records.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from benchmark import figures as F
+from benchmark import tables as T
+from benchmark.results_db import ResultsDB
+
+IDX = list(range(100, 108))          # e0..e7
+N_STATES = 4
+CLEAN_H = [2.0, 1.5, 1.0, 0.5]
+CLEAN_RES = [0.5, 0.1, 0.01, 0.001]
+ADV_RES = [0.5, 0.2, 0.02, 0.002]
+
+
+def _ui(i, ka, lam):
+    return f"ui(i={i},ka={ka},lam={lam:g})"
+
+
+# (model 'deq_a', defense 'final'): which examples (positions 0..7) each setting breaks.
+# Strongest Ka per (i, lambda) -- ties go to the smaller Ka:
+#   lambda 0.5: i1 -> Ka 2 (6/8), i2 -> Ka 1 (5/8), i3 -> Ka 2 (5/8), i4 -> Ka 1 (7/8, tie)
+#   lambda 1.0: i1 -> Ka 1 (6/8), i2 -> Ka 1 (7/8, tie), i3 -> Ka 2 (6/8), i4 -> Ka 1 (6/8)
+GRID_BREAKS = {
+    (1, 1, 0.5): set(), (1, 2, 0.5): {1}, (2, 1, 0.5): {1, 2}, (2, 2, 0.5): {2},
+    (3, 1, 0.5): {2}, (3, 2, 0.5): {1, 2}, (4, 1, 0.5): set(), (4, 2, 0.5): set(),
+    (1, 1, 1.0): {1}, (1, 2, 1.0): set(), (2, 1, 1.0): set(), (2, 2, 1.0): set(),
+    (3, 1, 1.0): set(), (3, 2, 1.0): {2}, (4, 1, 1.0): {1}, (4, 2, 1.0): set(),
+}
+SETTINGS = [(i, ka, lam) for lam in (0.5, 1.0) for i in range(1, N_STATES + 1) for ka in (1, 2)]
+
+
+def _commit(db, model, defense, attack, recs, wall=1.0):
+    for r in recs:
+        r.setdefault("wall_s", wall / len(IDX))
+    db.commit_unit(f"{model}|{defense}|{attack}|0-8", model, defense, attack, "0-8", recs, wall)
+
+
+def _clean_recs(correct, state, entropies=True, nfev=(20.0, 0.0)):
+    return [{"setting": "-", "example": e, "label": 0, "correct": c, "margin": 1.0 if c else -1.0,
+             "state": state, "entropies": list(CLEAN_H) if entropies else None,
+             "residuals": list(CLEAN_RES) if entropies else None,
+             "nfev_nograd": nfev[0], "nfev_grad": nfev[1]} for e, c in zip(IDX, correct)]
+
+
+def _outcome(correct, clean, state, setting, final_h=None, h_list=None, broken_by=None,
+             nfev=(40.0, 50.0)):
+    recs = []
+    for k, (e, c) in enumerate(zip(IDX, correct)):
+        ent = None
+        if h_list is not None:
+            ent = h_list[k]
+        elif final_h is not None:
+            ent = CLEAN_H[:-1] + [final_h[k]]
+        bb = ["clean"] if not clean[k] else ([] if c else [setting])
+        if broken_by is not None:
+            bb = broken_by[k]
+        recs.append({"setting": setting, "example": e, "label": 0, "correct": c,
+                     "margin": 0.5 if c else -0.5, "state": state, "entropies": ent,
+                     "residuals": None if ent is None else list(ADV_RES),
+                     "nfev_nograd": nfev[0], "nfev_grad": nfev[1], "extra": {"broken_by": bb}})
+    return recs
+
+
+def _meta(db, models):
+    db.set_meta("config", {"name": "synthetic", "threat": {"norm": "Linf", "eps": 0.1},
+                           "data": {"dataset": "fashion_mnist", "n": 8, "seed": 0},
+                           "models": models,
+                           "attacks": {"pgd": {"steps": 10}, "grid": {"kas": [1, 2]},
+                                       "autoattack": {"attacks": ["apgd-ce", "square"]}}})
+    db.set_meta("dataset", {"name": "fashion_mnist", "split": "test", "n": 8, "seed": 0,
+                            "indices": IDX})
+    db.set_meta("provenance", {"device": "cpu"})
+
+
+def build_full(path):
+    """The full synthetic run (see the module docstring)."""
+    with ResultsDB(path) as db:
+        _meta(db, [{"name": "deq_a", "defenses": ["final", "early:select"]}, {"name": "cnn_b"}])
+        # deq_a / final: clean e7 wrong; PGD breaks e0, grid e1+e2, AutoAttack e3 -> ALL 3/8.
+        clean = [1, 1, 1, 1, 1, 1, 1, 0]
+        _commit(db, "deq_a", "final", "clean", _clean_recs(clean, "final"))
+        # final-state entropies under PGD: e0 1.5 (broken), e1..e5 0.7, e6 0.3, e7 0.5 (unattacked)
+        _commit(db, "deq_a", "final", "pgd",
+                _outcome([0, 1, 1, 1, 1, 1, 1, 0], clean, "final", "phantom_final",
+                         final_h=[1.5, 0.7, 0.7, 0.7, 0.7, 0.7, 0.3, 0.5]), wall=4.0)
+        grid = _outcome([1, 0, 0, 1, 1, 1, 1, 0], clean, "final", "worst",
+                        final_h=[0.6] * 8, nfev=(300.0, 400.0))
+        for i, ka, lam in SETTINGS:
+            for k, e in enumerate(IDX):
+                c = 0 if (not clean[k] or k in GRID_BREAKS[(i, ka, lam)]) else 1
+                grid.append({"setting": _ui(i, ka, lam), "example": e, "label": 0, "correct": c,
+                             "state": "final"})
+        _commit(db, "deq_a", "final", "grid", grid, wall=16.0)
+        aa_bb = [[], [], [], ["apgd-ce"], [], [], [], ["clean"]]
+        _commit(db, "deq_a", "final", "autoattack",
+                _outcome([1, 1, 1, 0, 1, 1, 1, 0], clean, "final", "ensemble",
+                         final_h=[0.5] * 8, broken_by=aa_bb), wall=8.0)
+
+        # deq_a / early:select (state z[3]): clean e6 wrong; PGD breaks nothing; efficient grid.
+        clean_e = [1, 1, 1, 1, 1, 1, 0, 1]
+        _commit(db, "deq_a", "early:select", "clean", _clean_recs(clean_e, "z[3]"))
+        adv_h = [[2.0, 1.5, 1.1, 0.6] if c else list(CLEAN_H) for c in clean_e]
+        _commit(db, "deq_a", "early:select", "pgd",
+                _outcome(clean_e, clean_e, "z[3]", "phantom_final", h_list=adv_h))
+        grid = _outcome([0, 1, 1, 1, 1, 1, 0, 1], clean_e, "z[3]", "worst", final_h=[0.9] * 8)
+        for si, (i, ka, lam) in enumerate(SETTINGS):
+            for k, e in enumerate(IDX):
+                if si == 0:      # the first setting attacks every clean-correct point, breaks e0
+                    c = 0 if (k in (0, 6)) else 1
+                elif k == 0:     # efficient mode: e0 already broken, not attacked again
+                    continue
+                else:
+                    c = clean_e[k]
+                grid.append({"setting": _ui(i, ka, lam), "example": e, "label": 0, "correct": c,
+                             "state": "z[3]"})
+        _commit(db, "deq_a", "early:select", "grid", grid)
+
+        # cnn_b (non-DEQ): clean e0, e1 wrong; PGD breaks e2, e3; AA breaks e2, e3, e4.
+        clean_c = [0, 0, 1, 1, 1, 1, 1, 1]
+        _commit(db, "cnn_b", "final", "clean", _clean_recs(clean_c, "output", entropies=False,
+                                                           nfev=(0.0, 0.0)))
+        _commit(db, "cnn_b", "final", "pgd",
+                _outcome([0, 0, 0, 0, 1, 1, 1, 1], clean_c, "output", "model", nfev=(0.0, 0.0)))
+        cnn_bb = [["clean"], ["clean"], ["apgd-ce"], ["apgd-ce", "square"], ["square"], [], [], []]
+        _commit(db, "cnn_b", "final", "autoattack",
+                _outcome([0, 0, 0, 0, 0, 1, 1, 1], clean_c, "output", "ensemble",
+                         broken_by=cnn_bb, nfev=(0.0, 0.0)))
+    return path
+
+
+def build_sparse(path):
+    """Clean + PGD only (no grid, no AutoAttack)."""
+    with ResultsDB(path) as db:
+        _meta(db, [{"name": "deq_a", "defenses": ["final"]}, {"name": "cnn_b"}])
+        clean = [1, 1, 1, 1, 1, 1, 1, 0]
+        _commit(db, "deq_a", "final", "clean", _clean_recs(clean, "final"))
+        _commit(db, "deq_a", "final", "pgd",
+                _outcome([0, 1, 1, 1, 1, 1, 1, 0], clean, "final", "phantom_final",
+                         final_h=[1.5, 0.7, 0.7, 0.7, 0.7, 0.7, 0.3, 0.5]))
+        _commit(db, "cnn_b", "final", "clean", _clean_recs([1] * 8, "output", entropies=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run_full")
+    build_full(d / "results.sqlite")
+    return d
+
+
+def _row(df, **kw):
+    m = df
+    for k, v in kw.items():
+        m = m[m[k] == v]
+    assert len(m) == 1, (kw, df)
+    return m.iloc[0]
+
+
+# ---------------------------------------------------------------------------------------------
+
+def test_table1_exact(full_run):
+    t = T.table1(full_run)
+    r = _row(t, model="deq_a", defense="final")
+    assert r.n == 8 and r.state == "final"
+    assert r.clean == pytest.approx(7 / 8)
+    assert r.pgd == pytest.approx(6 / 8)
+    assert r.grid == pytest.approx(5 / 8)
+    assert r.autoattack == pytest.approx(6 / 8)
+    assert math.isnan(r.adaptive)
+    # different attacks break different points: ALL is below every single attack
+    assert r.ALL == pytest.approx(3 / 8)
+    assert r.ALL < min(r.pgd, r.grid, r.autoattack)
+    assert r.min_over_means == pytest.approx(5 / 8)
+    assert r.strongest_setting == "ui(i=2,ka=1,lam=0.5)"
+    assert r.grid_settings == 16
+
+    e = _row(t, model="deq_a", defense="early:select")
+    assert e.state == "z[3]"
+    assert (e.clean, e.pgd, e.grid, e.ALL) == pytest.approx((7 / 8, 7 / 8, 6 / 8, 6 / 8))
+    assert math.isnan(e.min_over_means)           # efficient grid: settings lack examples
+    assert any("min-over-means unavailable" in f for f in t.attrs["footnotes"])
+
+    c = _row(t, model="cnn_b", defense="final")
+    assert c.state == "output"
+    assert (c.clean, c.pgd, c.autoattack, c.ALL) == pytest.approx((6 / 8, 4 / 8, 3 / 8, 3 / 8))
+    assert math.isnan(c.grid)
+
+
+def test_table1_matches_runner_summary(full_run):
+    from benchmark.runner import summarize
+    with ResultsDB(full_run / "results.sqlite") as db:
+        s = summarize(db)
+    t = T.table1(full_run)
+    for _, r in s.iterrows():
+        tr = _row(t, model=r.model, defense=r.defense)
+        for col in ("clean", "pgd", "ALL"):
+            assert tr[col] == pytest.approx(r[col])
+
+
+def test_table2(full_run):
+    t = T.table2(full_run)
+    assert set(t.model) == {"deq_a"}              # the non-DEQ has no states
+    r = _row(t, defense="final")
+    assert (r.pgd_final, r.inter_worst, r.inter_min_over_means) == pytest.approx((6 / 8, 5 / 8, 5 / 8))
+    assert r["diff"] == pytest.approx(1 / 8)
+    e = _row(t, defense="early:select")
+    assert e.state == "z[3]" and e["diff"] == pytest.approx(1 / 8)
+
+
+def test_table8_strongest_ka(full_run):
+    t = T.table8(full_run)
+    f = t[(t.model == "deq_a") & (t.defense == "final")]
+    assert len(f) == 8
+    expect = {(1, 0.5): (2, 6 / 8), (2, 0.5): (1, 5 / 8), (3, 0.5): (2, 5 / 8), (4, 0.5): (1, 7 / 8),
+              (1, 1.0): (1, 6 / 8), (2, 1.0): (1, 7 / 8), (3, 1.0): (2, 6 / 8), (4, 1.0): (1, 6 / 8)}
+    for (i, lam), (ka, acc) in expect.items():
+        r = _row(f, i=i, lam=lam)
+        assert (int(r.ka), r.acc) == (ka, pytest.approx(acc)), (i, lam)
+    e = t[(t.model == "deq_a") & (t.defense == "early:select")]
+    assert len(e) == 8 and e.acc.isna().all() and e.ka.isna().all()
+    r = _row(e, i=1, lam=0.5)
+    assert (r.most_broken_ka, r.most_broken, r.available) == (1, 1, 1)
+    assert any("unavailable" in f for f in t.attrs["footnotes"])
+
+
+def test_setting_accuracy_rule(full_run):
+    s = T.setting_accuracies(full_run)
+    f = s[(s.defense == "final")].set_index("setting")
+    assert f.loc["ui(i=2,ka=1,lam=0.5)", "acc"] == pytest.approx(5 / 8)
+    assert f.loc["ui(i=1,ka=1,lam=0.5)", "acc"] == pytest.approx(7 / 8)
+    e = s[(s.defense == "early:select")].set_index("setting")
+    assert e.loc["ui(i=1,ka=1,lam=0.5)", "acc"] == pytest.approx(6 / 8)
+    assert math.isnan(e.loc["ui(i=1,ka=2,lam=0.5)", "acc"])        # e0 (clean-correct) missing
+    assert e.loc["ui(i=1,ka=2,lam=0.5)", "covered"] == 6
+
+
+def test_table6_7_P_and_dH(full_run):
+    t = T.table6_7(full_run)
+    assert set(t.model) == {"deq_a"}
+    r = _row(t, defense="final", attack="pgd")
+    assert r.n == 8
+    # Eq. 12: H_clean(z[N]) = 0.5 < H_adv for e0..e5 (1.5, 0.7 x 5), not e6 (0.3) or e7 (0.5)
+    assert r.P == pytest.approx(6 / 8)
+    # Eq. 13: mean(H_clean - H_adv) = (-1.0 - 5 x 0.2 + 0.2 + 0) / 8
+    assert r.dH == pytest.approx(-1.8 / 8)
+    assert (r.P_state, r.dH_state) == pytest.approx((r.P, r.dH))
+    assert r.H_clean == pytest.approx(0.5)
+    assert r.success_rate == pytest.approx(1 / 7)
+    g = _row(t, defense="final", attack="grid")
+    assert (g.P, g.dH) == pytest.approx((1.0, -0.1))
+    a = _row(t, defense="final", attack="autoattack")
+    assert (a.P, a.dH) == pytest.approx((0.0, 0.0))
+    e = _row(t, defense="early:select", attack="pgd")
+    assert (e.P, e.dH) == pytest.approx((7 / 8, -0.7 / 8))
+    assert (e.P_state, e.dH_state) == pytest.approx((7 / 8, -0.7 / 8))   # at z[3]: 1.0 vs 1.1
+    assert e.success_rate == pytest.approx(0.0)
+
+
+def test_table4_and_speed(full_run):
+    t = T.table4_autoattack(full_run)
+    c = _row(t, model="cnn_b")
+    assert c.autoattack == pytest.approx(3 / 8) and c.broken == 3
+    assert (c["broken_by_apgd-ce"], c["broken_by_square"], c["broken_by_clean"]) == (2, 2, 2)
+    d = _row(t, model="deq_a", defense="final")
+    assert (d["broken_by_apgd-ce"], d["broken_by_square"], d["broken_by_clean"]) == (1, 0, 1)
+    s = T.table9_10(full_run)
+    p = _row(s, model="deq_a", defense="final", attack="pgd")
+    assert (p.f_evals, p.wall_s) == pytest.approx((90.0, 0.5))
+    g = _row(s, model="deq_a", defense="final", attack="grid")
+    assert g.setting == "worst" and g.n == 8 and g.f_evals == pytest.approx(700.0)
+    assert g.wall_s == pytest.approx(2.0)
+
+
+def test_transfer_and_tf_r_absent(full_run):
+    assert T.table3(full_run).empty
+    assert T.table5(full_run).empty
+
+
+def test_write_tables_and_figures(full_run, tmp_path):
+    paths = T.write_tables(full_run / "results.sqlite", tmp_path / "tables")
+    names = {p.name for p in paths}
+    for stem in ("table1", "table2", "table3", "table4", "table5", "table6_7", "table8", "table9_10"):
+        assert f"{stem}.md" in names and f"{stem}.csv" in names
+    for p in paths:
+        text = p.read_text()
+        assert text and "fashion_mnist" in text and "eps=0.1" in text and "n=8" in text
+        assert "deq_a" in text and "cnn_b" in text
+    assert "not in this run" in (tmp_path / "tables" / "table3.md").read_text().lower()
+    md1 = (tmp_path / "tables" / "table1.md").read_text()
+    assert "| deq_a | final | final | 8 | 87.50 | 75.00 | 62.50 | 75.00 |" in md1
+    import pandas as pd
+    back = pd.read_csv(tmp_path / "tables" / "table1.csv", comment="#")
+    assert back.ALL.tolist() == pytest.approx([3 / 8, 6 / 8, 3 / 8])
+
+    log = tmp_path / "train" / "log.csv"
+    log.parent.mkdir()
+    log.write_text("epoch,step,lr,train_loss,train_acc,val_clean,val_pgd10\n"
+                   "1,10,0.001,1.2,0.5,0.6,0.2\n2,20,0.0005,0.9,0.6,0.7,0.3\n")
+    figs = F.write_figures(full_run, tmp_path / "figs", training_logs=[log])
+    names = {p.name for p in figs}
+    for stem in ("fig2a_deq_a__final", "fig2b_deq_a__final", "fig3b_deq_a__final",
+                 "fig3a_deq_a__final", "fig5_deq_a__final", "fig2a_deq_a__early-select",
+                 "fig4_training_curves"):
+        assert f"{stem}.png" in names and f"{stem}.pdf" in names, stem
+    # efficient grid: no per-setting accuracy curve for early:select, noted instead
+    assert "fig3a_deq_a__early-select.png" not in names
+    notes = (tmp_path / "figs" / "figures.md").read_text()
+    assert "Fig. 3 (c)" in notes and "early:select" in notes
+    import matplotlib.image as mpimg
+    for p in figs:
+        assert p.stat().st_size > 0
+        if p.suffix == ".png":
+            img = mpimg.imread(p)
+            assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 200 and img.shape[2] in (3, 4)
+            assert img.std() > 0.01        # not a blank canvas
+
+
+def test_missing_data_does_not_crash(tmp_path):
+    db = build_sparse(tmp_path / "run" / "results.sqlite")
+    t1 = T.table1(db)
+    r = _row(t1, model="deq_a")
+    assert (r.clean, r.pgd, r.ALL) == pytest.approx((7 / 8, 6 / 8, 6 / 8))
+    assert math.isnan(r.grid) and math.isnan(r.autoattack) and math.isnan(r.min_over_means)
+    assert T.table8(db).empty and T.table4_autoattack(db).empty
+    paths = T.write_tables(tmp_path / "run")                       # default: RUN_DIR/tables
+    assert all(p.parent == tmp_path / "run" / "tables" and p.stat().st_size > 0 for p in paths)
+    assert "not in this run" in (tmp_path / "run" / "tables" / "table8.md").read_text()
+    figs = F.write_figures(tmp_path / "run", formats=("png",), training_logs=[])
+    names = {p.name for p in figs}
+    assert "fig2a_deq_a__final.png" in names and not any(n.startswith("fig3a") for n in names)
+    assert all(p.parent == tmp_path / "run" / "figures" for p in figs)
+
+    # a run with no records at all
+    with ResultsDB(tmp_path / "empty" / "results.sqlite") as d:
+        _meta(d, [{"name": "deq_a"}])
+    assert all(p.stat().st_size > 0 for p in T.write_tables(tmp_path / "empty"))
+    assert [p.name for p in F.write_figures(tmp_path / "empty", formats=("png",))] == ["figures.md"]
+
+
+def test_cli(full_run, tmp_path, capsys):
+    assert T.main([str(full_run), "--out", str(tmp_path / "t")]) == 0
+    assert (tmp_path / "t" / "table1.md").is_file()
+    assert F.main([str(full_run), "--out", str(tmp_path / "f"), "--formats", "png"]) == 0
+    assert (tmp_path / "f" / "fig2a_deq_a__final.png").is_file()
+    assert T.main([str(tmp_path / "nowhere")]) == 2
+    assert not (tmp_path / "nowhere").exists()
+    assert "no results database" in capsys.readouterr().err
