@@ -47,7 +47,10 @@ def test_list_models_contains_builtins():
     names = mz.list_models()
     assert set(BUILTINS) <= set(names)
     assert names == sorted(names)
-    assert mz.list_models("deq_tiny_*") == ["deq_tiny_cifar10", "deq_tiny_fashion_mnist"]
+    # shipped zoo entries (model_zoo/checkpoints/zoo.json) may add names, e.g. deq_tiny_fmnist_*
+    tiny = mz.list_models("deq_tiny_*")
+    assert {"deq_tiny_cifar10", "deq_tiny_fashion_mnist"} <= set(tiny)
+    assert all(n.startswith("deq_tiny_") for n in tiny)
     assert mz.list_models("*fashion_mnist") == [
         "deq_large_fashion_mnist", "deq_tiny_fashion_mnist", "small_cnn_fashion_mnist"]
 
