@@ -45,7 +45,7 @@ def load_for_attack(model_name: str, checkpoint=None, defense=None, device="cpu"
         if not allow_untrained:
             raise model_zoo.CheckpointError(
                 f"{model_name!r} has no trained checkpoint; pass --checkpoint PATH or "
-                "--allow-untrained to attack random weights")
+                "--allow-untrained to use random weights")
         torch.manual_seed(seed)
         model = model_zoo.create(model_name)
         if defense is not None and getattr(model, "is_deq", False):

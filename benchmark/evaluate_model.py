@@ -16,19 +16,8 @@ from benchmark.provenance import provenance
 def evaluate_clean(model_name: str, checkpoint=None, defense=None, dataset=None, n: int = 500,
                    batch_size: int = 100, device: str = "cpu", seed: int = 0, root=None, download: bool = False,
                    allow_untrained: bool = False, progress: bool = True) -> dict:
-    entry = model_zoo.get_entry(model_name)
-    if checkpoint is None and entry.checkpoint is None:
-        if not allow_untrained:
-            raise model_zoo.CheckpointError(
-                f"{model_name!r} has no trained checkpoint; pass --checkpoint PATH or "
-                "--allow-untrained to evaluate random weights")
-        torch.manual_seed(seed)
-        model = model_zoo.create(model_name)
-        if defense is not None and getattr(model, "is_deq", False):
-            model.set_defense(model_zoo.make_defense(defense))
-        model = model.to(device).eval()
-    else:
-        model = model_zoo.load(model_name, checkpoint=checkpoint, defense=defense, device=device)
+    from benchmark.attack_run import load_for_attack
+    entry, model = load_for_attack(model_name, checkpoint, defense, device, allow_untrained, seed)
     ds = subset(load_dataset(dataset or entry.dataset, "test", root=root, download=download), n, seed=seed)
     per_example = []
     t0 = time.perf_counter()

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from model_zoo.train_config import ConfigError
+from model_zoo.train_config import ConfigError, read_yaml
 
 __all__ = ["RunConfig", "ModelSpec", "load_run_config", "ConfigError", "ATTACK_KEYS"]
 
@@ -220,12 +220,4 @@ def from_dict(raw: dict, source: Optional[str] = None) -> RunConfig:
 
 
 def load_run_config(path) -> RunConfig:
-    import yaml
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"run config {p} not found")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"run config {p}: not valid YAML: {e}") from None
-    return from_dict(raw, source=str(p))
+    return from_dict(read_yaml(path), source=str(path))

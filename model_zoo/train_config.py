@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["TrainConfig", "ConfigError", "load_train_config"]
+__all__ = ["TrainConfig", "ConfigError", "load_train_config", "read_yaml"]
 
 
 class ConfigError(ValueError):
@@ -185,15 +185,21 @@ def _range(key, v, lo, hi, open_lo=False):
         raise ConfigError(f"{key} must be {lo_s}{hi_s}, got {v!r}")
 
 
-def load_train_config(path) -> TrainConfig:
+def read_yaml(path):
+    """Parse a YAML config file; ConfigError for a missing file or invalid YAML."""
     import yaml
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        d = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+
+
+def load_train_config(path) -> TrainConfig:
+    path = Path(path)
+    d = read_yaml(path)
     try:
         return TrainConfig.from_dict(d or {})
     except ConfigError as e:
