@@ -169,22 +169,61 @@ def cmd_bench_grid(args):
     return 0
 
 
-def cmd_evaluate(args):
+def _evaluate_cmd(args, only=None, title="evaluate"):
     from benchmark.run_config import load_run_config
     from benchmark.runner import evaluate
     cfg = load_run_config(args.config)
     if args.device:
         cfg.device = args.device
-    res = evaluate(cfg, progress=not args.quiet)
-    if "summary" in res:
-        import pandas as pd
-        with pd.option_context("display.width", 200, "display.max_columns", 30,
-                               "display.float_format", "{:.3f}".format):
-            print(f"\n{cfg.name}: {res['units_run']} work units run now"
-                  f"{'' if res['complete'] else ' (incomplete: run the same command again)'}")
-            print(res["summary"].to_string(index=False))
-        print(f"\nresults database: {res['db']}")
+    res = evaluate(cfg, progress=not args.quiet, only=only)
+    if "summary" not in res:  # a non-zero torchrun rank
+        return cfg, res
+    import pandas as pd
+    with pd.option_context("display.width", 200, "display.max_columns", 30,
+                           "display.float_format", "{:.3f}".format):
+        print(f"\n{cfg.name} ({title}): {res['units_run']} work units run now"
+              f"{'' if res['complete'] else ' (incomplete: run the same command again)'}")
+        summ = res["summary"]
+        if only is not None and len(summ):
+            keep = [c for c in summ.columns if c in ("model", "defense", "n", "clean")
+                    or c in only or (c in ("min_over_means", "strongest_setting") and "grid" in only)]
+            summ = summ[keep]
+        print(summ.to_string(index=False))
+        if only is not None and "transfer" in only:
+            from benchmark.results_db import ResultsDB
+            with ResultsDB(res["db"]) as db:
+                t = db.records_frame(attack="transfer")
+            if len(t):
+                mat = (t.assign(target=t.model + "@" + t.defense)
+                        .pivot_table(index="target", columns="setting", values="correct",
+                                     aggfunc="mean"))
+                print("\ntransfer matrix (accuracy; rows: target, columns: source):")
+                print(mat.to_string())
+    print(f"\nresults database: {res['db']}")
+    print(f"next: deqbench tables {cfg.run_dir}   deqbench figures {cfg.run_dir}"
+          f"   deqbench leaderboard {args.config}")
+    return cfg, res
+
+
+def cmd_evaluate(args):
+    _evaluate_cmd(args)
     return 0
+
+
+def cmd_sweep(args):
+    _evaluate_cmd(args, only={"grid"}, title="sweep: the (i, Ka, lambda) grid")
+    return 0
+
+
+def cmd_transfer(args):
+    _evaluate_cmd(args, only={"grid", "transfer"} if _has_grid(args.config) else {"transfer"},
+                  title="transfer")
+    return 0
+
+
+def _has_grid(path) -> bool:
+    from benchmark.run_config import load_run_config
+    return "grid" in load_run_config(path).attacks
 
 
 def cmd_leaderboard(args):
@@ -218,7 +257,8 @@ def cmd_train(args):
     from model_zoo.training import TrainingInterrupted
     cfg = load_train_config(args.config)
     try:
-        s = run_training(cfg, resume=args.resume, device=args.device, shards=args.shards)
+        s = run_training(cfg, resume=args.resume, device=args.device, shards=args.shards,
+                         checkpoint_every_s=args.checkpoint_every)
     except TrainingInterrupted as e:
         print(f"deqbench: {e}", file=sys.stderr)
         return 130
@@ -269,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", default=None, help="cpu or cuda (default: the config's)")
     tr.add_argument("--shards", type=int, default=1,
                     help="micro-batches per process (gradient accumulation)")
+    tr.add_argument("--checkpoint-every", type=float, default=600.0, metavar="SECONDS",
+                    help="also save the resumable last.pt inside an epoch this often, so a "
+                         "SIGKILL loses at most this much work (0: epoch ends and signals only)")
     tr.set_defaults(func=cmd_train)
 
     bt = bench.add_parser("train", help="training samples/s: PGD-AT / TRADES with and without Sec. 3.3")
@@ -300,6 +343,20 @@ def build_parser() -> argparse.ArgumentParser:
     evp.add_argument("--device", default=None)
     evp.add_argument("--quiet", action="store_true")
     evp.set_defaults(func=cmd_evaluate)
+
+    sw = sub.add_parser("sweep", help="only the (i, Ka, lambda) grid of a run config (per-setting "
+                                      "accuracy: use attacks.grid.mode full)")
+    sw.add_argument("config")
+    sw.add_argument("--device", default=None)
+    sw.add_argument("--quiet", action="store_true")
+    sw.set_defaults(func=cmd_sweep)
+
+    tp = sub.add_parser("transfer", help="the transfer matrix of a run config (attacks.transfer; "
+                                         "the sources' grid runs first when configured)")
+    tp.add_argument("config")
+    tp.add_argument("--device", default=None)
+    tp.add_argument("--quiet", action="store_true")
+    tp.set_defaults(func=cmd_transfer)
 
     lb = sub.add_parser("leaderboard", help="evaluate a run config (if needed) and write its leaderboard")
     lb.add_argument("config")

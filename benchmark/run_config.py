@@ -29,14 +29,15 @@ from typing import Optional
 
 from model_zoo.train_config import ConfigError, read_yaml
 
-__all__ = ["RunConfig", "ModelSpec", "load_run_config", "ConfigError", "ATTACK_KEYS"]
+__all__ = ["RunConfig", "ModelSpec", "load_run_config", "ConfigError", "ATTACK_KEYS",
+           "parse_source"]
 
 ATTACK_KEYS = {
     "pgd": {"steps", "alpha", "random_start", "surrogate"},
     "grid": {"steps", "alpha", "kas", "lams", "mode", "preset", "on_test_time_defenses"},
     "autoattack": {"attacks", "budget", "surrogate"},
     "adaptive": {"steps", "alpha", "ka", "lam"},
-    "transfer": {"sources", "targets", "steps", "alpha"},
+    "transfer": {"sources", "targets", "steps", "alpha", "surrogates"},
 }
 TOP_KEYS = {"name", "output", "seed", "device", "batch_size", "shard_size", "data", "threat",
             "models", "attacks", "description"}
@@ -214,9 +215,51 @@ def from_dict(raw: dict, source: Optional[str] = None) -> RunConfig:
             for k in (opts.get("budget") or {}):
                 if k not in AA_STANDARD_BUDGET:
                     _err(f"attacks.autoattack.budget.{k}", f"unknown knob (known: {sorted(AA_STANDARD_BUDGET)})")
+        if name == "transfer":
+            _check_transfer(cfg, opts)
         attacks[name] = opts
     cfg.attacks = attacks
     return cfg
+
+
+def parse_source(spec: str, cfg: RunConfig):
+    """A transfer source/target 'MODEL@DEFENSE' (or 'DEFENSE' when the run has one model) ->
+    (ModelSpec, defense spec), checked against the run's models and their defenses."""
+    if not isinstance(spec, str) or not spec:
+        _err("attacks.transfer", f"sources/targets are strings 'MODEL@DEFENSE', got {spec!r}")
+    if "@" in spec:
+        mkey, dspec = spec.split("@", 1)
+    elif len(cfg.models) == 1:
+        mkey, dspec = cfg.models[0].key, spec
+    else:
+        _err("attacks.transfer", f"{spec!r}: write 'MODEL@DEFENSE' when the run has several models")
+    for m in cfg.models:
+        if m.key == mkey:
+            if dspec not in m.defenses:
+                _err("attacks.transfer", f"{spec!r}: {mkey} is not evaluated with defense "
+                                         f"{dspec!r} (its defenses: {m.defenses})")
+            return m, dspec
+    _err("attacks.transfer", f"{spec!r}: no model {mkey!r} in this run "
+                             f"(models: {[m.key for m in cfg.models]})")
+
+
+def _check_transfer(cfg: RunConfig, opts: dict):
+    for k in ("sources", "targets"):
+        v = opts.get(k)
+        if v is not None and (not isinstance(v, list) or not v):
+            _err(f"attacks.transfer.{k}", f"must be a non-empty list of 'MODEL@DEFENSE', got {v!r}")
+        for spec in v or []:
+            parse_source(spec, cfg)
+    surs = opts.get("surrogates", ["strongest"])
+    if not isinstance(surs, list) or not surs:
+        _err("attacks.transfer.surrogates", f"must be a non-empty list, got {surs!r}")
+    from attacks.surrogates import make_surrogate
+    for sp in surs:
+        if sp != "strongest":
+            try:
+                make_surrogate(sp)
+            except ValueError as e:
+                _err("attacks.transfer.surrogates", str(e))
 
 
 def load_run_config(path) -> RunConfig:

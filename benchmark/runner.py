@@ -23,14 +23,14 @@ from typing import Optional
 import torch
 
 import model_zoo
-from attacks.evaluation import (adaptive_attacks, autoattack_attack, derive_seed, grid_attack,
-                                pgd_attack, reported_margin, setting_name)
+from attacks.evaluation import (FEvalMeter, adaptive_attacks, autoattack_attack, derive_seed,
+                                grid_attack, pgd_attack, reported_margin, rescore, setting_name)
 from attacks.surrogates import (JudgedModule, PhantomFinal, UnrolledIntermediate,
                                 grid_settings, make_surrogate)
 from benchmark.data import load_dataset, subset
 from benchmark.provenance import provenance
 from benchmark.results_db import ResultsDB, merge
-from benchmark.run_config import RunConfig
+from benchmark.run_config import RunConfig, parse_source
 from model_zoo.forward import EarlyState, EntropyReduction, make_defense
 
 __all__ = ["evaluate", "summarize", "db_path", "defense_key"]
@@ -139,7 +139,72 @@ def _parse_setting(name: str) -> UnrolledIntermediate:
                                 "paper" if "paper" in body else "reference")
 
 
-def _run_unit(db, cfg, model, defense, mkey, dkey, attack, opts, x, y, idx, progress):
+def _transfer_sources(cfg: RunConfig) -> list:
+    opts = cfg.attacks.get("transfer", {})
+    return opts.get("sources") or [f"{m.key}@{d}" for m in cfg.models for d in m.defenses]
+
+
+def _craft_transfer(db, cfg, ms, ds, resolve, opts, x, y, idx) -> list:
+    """Adversarial examples crafted against source (model ms, defense ds) on these examples:
+    PGD with each surrogate of ``opts['surrogates']`` ('strongest' = the source's strongest grid
+    setting on these examples when its grid ran, else the phantom gradient at the final state),
+    judged on the source's own reported forward. Returns [(surrogate name, x_adv)]."""
+    src_model, src_def = resolve(ms, ds)
+    dkey = defense_key(ds)
+    eps, alpha = cfg.eps, opts.get("alpha", cfg.eps / 4)
+    out, seen = [], set()
+    for spec in opts.get("surrogates", ["strongest"]):
+        sur = None
+        if getattr(src_model, "is_deq", False):
+            if spec == "strongest":
+                best = _strongest_setting(db, ms.key, dkey, idx)
+                sur = _parse_setting(best) if best else PhantomFinal()
+            else:
+                sur = make_surrogate(spec)
+        name = setting_name(sur) if sur is not None else "model"
+        if name in seen:
+            continue
+        seen.add(name)
+        o = pgd_attack(JudgedModule(src_model, src_def, sur), x, y, eps, alpha,
+                       opts.get("steps", 10), seed=derive_seed(cfg.seed, "transfer", ms.key, dkey,
+                                                                name, idx[0]),
+                       batch_size=cfg.batch_size)
+        out.append((name, o.x_adv))
+    return out
+
+
+def _transfer_records(db, cfg, model, defense, opts, x, y, idx, state, resolve, cache):
+    """Per source: the target's reported forward on the source's adversarial examples; a point
+    counts robust only if the target classifies it correctly clean and under every surrogate's
+    example of that source (the paper's Table 3 reports the minimum over the attacks)."""
+    judged = JudgedModule(model, defense)
+    meter = FEvalMeter(model, len(x))
+    with meter.on(torch.arange(len(x))):
+        clean = judged.reported_logits(x).argmax(-1) == y
+    recs = []
+    for spec in _transfer_sources(cfg):
+        ms, ds = parse_source(spec, cfg)
+        key = (ms.key, defense_key(ds), idx[0])
+        if key not in cache:
+            cache[key] = _craft_transfer(db, cfg, ms, ds, resolve, opts, x, y, idx)
+        correct = clean.clone()
+        margin = torch.full((len(x),), float("inf"), device=x.device)
+        for _name, xa in cache[key]:
+            c, m = rescore(judged, xa, x, y, cfg.eps, meter, batch_size=cfg.batch_size)
+            correct &= c
+            margin = torch.minimum(margin, m.to(margin.dtype))
+        nf = meter.total  # the target's f-evaluations (crafting cost is the source's)
+        for k in range(len(idx)):
+            recs.append({"setting": f"{ms.key}@{defense_key(ds)}", "example": idx[k],
+                         "label": int(y[k]), "correct": int(correct[k]),
+                         "margin": float(margin[k]), "state": state,
+                         "nfev_nograd": float(nf[k]), "nfev_grad": 0.0,
+                         "extra": {"surrogates": [n for n, _ in cache[key]]}})
+    return recs
+
+
+def _run_unit(db, cfg, model, defense, mkey, dkey, attack, opts, x, y, idx, progress,
+              resolve=None, cache=None):
     eps = cfg.eps
     is_deq = getattr(model, "is_deq", False)
     seed = derive_seed(cfg.seed, mkey, dkey, attack, idx[0])
@@ -190,6 +255,12 @@ def _run_unit(db, cfg, model, defense, mkey, dkey, attack, opts, x, y, idx, prog
                                ka=opts.get("ka", 9), lam=opts.get("lam", 0.5),
                                batch_size=cfg.batch_size)
         return _outcome_records(out, idx, y, "worst", state, model, defense), out.config
+    if attack == "transfer":
+        recs = _transfer_records(db, cfg, model, defense, opts, x, y, idx, state, resolve,
+                                 cache if cache is not None else {})
+        return recs, {"attack": "transfer", "sources": _transfer_sources(cfg),
+                      "surrogates": opts.get("surrogates", ["strongest"]),
+                      "steps": opts.get("steps", 10), "alpha": alpha, "eps": eps, "seed": cfg.seed}
     raise ValueError(f"unknown attack {attack!r}")
 
 
@@ -202,13 +273,21 @@ def _applicable(attack, model, defense, opts) -> bool:
     return True
 
 
-ORDER = ("clean", "pgd", "grid", "autoattack", "adaptive")
+ORDER = ("clean", "pgd", "grid", "autoattack", "adaptive", "transfer")
 
 
 def evaluate(cfg: RunConfig, progress: bool = True, rank: Optional[int] = None,
-             world: Optional[int] = None, stop_after_units: Optional[int] = None) -> dict:
+             world: Optional[int] = None, stop_after_units: Optional[int] = None,
+             only: Optional[set] = None) -> dict:
     """Run (or continue) the protocol of ``cfg``; returns ``{'db': path, 'units_run': k,
-    'summary': DataFrame}``. ``stop_after_units`` (tests) returns after that many new units."""
+    'summary': DataFrame}``. ``stop_after_units`` (tests) returns after that many new units.
+    ``only``: run just these attacks of the config (clean always runs): ``deqbench sweep`` is
+    ``{'grid'}``, ``deqbench transfer`` is ``{'grid', 'transfer'}`` (the sources' strongest
+    grid settings are needed first); the same database serves a later full ``evaluate``."""
+    if only is not None:
+        missing = set(only) - set(cfg.attacks)
+        if missing:
+            raise ValueError(f"the run config has no attacks.{sorted(missing)[0]} section")
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
     dist = world > 1 and torch.distributed.is_available() and "MASTER_ADDR" in os.environ
@@ -247,10 +326,19 @@ def evaluate(cfg: RunConfig, progress: bool = True, rank: Optional[int] = None,
     shards = [s for j, s in enumerate(_shards(len(ds), cfg.shard_size)) if j % world == rank]
     done = db.done_units()
     plan = []
-    for m in cfg.models:
-        for dspec in m.defenses:
-            for attack in ORDER:
-                if attack != "clean" and attack not in cfg.attacks:
+    targets = None
+    if "transfer" in cfg.attacks and cfg.attacks["transfer"].get("targets"):
+        targets = {(ms.key, defense_key(ds)) for ms, ds in
+                   (parse_source(t, cfg) for t in cfg.attacks["transfer"]["targets"])}
+    # transfer units last: their sources' own attacks (the strongest grid setting) come first
+    for attack in ORDER:
+        if attack != "clean" and (attack not in cfg.attacks
+                                  or (only is not None and attack not in only)):
+            continue
+        for m in cfg.models:
+            for dspec in m.defenses:
+                if attack == "transfer" and targets is not None \
+                        and (m.key, defense_key(dspec)) not in targets:
                     continue
                 for lo, hi in shards:
                     plan.append((m, dspec, attack, lo, hi))
@@ -259,18 +347,23 @@ def evaluate(cfg: RunConfig, progress: bool = True, rank: Optional[int] = None,
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(plan), initial=len(plan) - len(todo), desc=f"evaluate {cfg.name}")
-    models, defenses = {}, {}
-    ran = 0
-    for m, dspec, attack, lo, hi in todo:
+    models, defenses, transfer_cache = {}, {}, {}
+
+    def resolve(m, dspec):
         dkey = defense_key(dspec)
-        uid = f"{m.key}|{dkey}|{attack}|{lo}-{hi}"
         if m.key not in models:
             models[m.key] = model_zoo.load(m.name, checkpoint=m.checkpoint, device=cfg.device)
         model = models[m.key]
         if (m.key, dkey) not in defenses:
             defenses[(m.key, dkey)] = (_resolve_defense(db, cfg, model, dspec, m.key, progress)
                                        if getattr(model, "is_deq", False) else None)
-        defense = defenses[(m.key, dkey)]
+        return model, defenses[(m.key, dkey)]
+
+    ran = 0
+    for m, dspec, attack, lo, hi in todo:
+        dkey = defense_key(dspec)
+        uid = f"{m.key}|{dkey}|{attack}|{lo}-{hi}"
+        model, defense = resolve(m, dspec)
         if not _applicable(attack, model, defense, cfg.attacks.get(attack, {})):
             db.commit_unit(uid, m.key, dkey, attack, f"{lo}-{hi}", [], 0.0, {"skipped": True}, rank)
         else:
@@ -280,7 +373,8 @@ def evaluate(cfg: RunConfig, progress: bool = True, rank: Optional[int] = None,
             idx = [int(i) for i in ds.indices[lo:hi]]
             t0 = time.perf_counter()
             recs, conf = _run_unit(db, cfg, model, defense, m.key, dkey, attack,
-                                   cfg.attacks.get(attack, {}), x, y, idx, progress)
+                                   cfg.attacks.get(attack, {}), x, y, idx, progress,
+                                   resolve=resolve, cache=transfer_cache)
             wall = time.perf_counter() - t0
             for r in recs:
                 r["wall_s"] = wall / max(len(idx), 1)
@@ -332,6 +426,11 @@ def summarize(db: ResultsDB):
                "state": clean.state.iloc[0] if n else None,
                "f_evals_per_forward": (clean.nfev_nograd + clean.nfev_grad).mean() if n else None}
         final = {"clean": clean.set_index("example").correct}
+        tr = g[g.attack == "transfer"]
+        if len(tr):  # the per-example worst case over the transfer sources
+            s = tr.groupby("example").correct.min()
+            final["transfer"] = s
+            row["transfer"] = s.reindex(clean.example).fillna(0).mean()
         for att, setting in (("pgd", None), ("grid", "worst"), ("autoattack", "ensemble"),
                              ("adaptive", "worst")):
             a = g[g.attack == att]

@@ -33,7 +33,8 @@ def build_data(cfg: TrainConfig):
 
 
 def run_training(cfg: TrainConfig, resume: bool = False, device: Optional[str] = None,
-                 shards: int = 1, progress: bool = True, stop_after: Optional[int] = None) -> dict:
+                 shards: int = 1, progress: bool = True, stop_after: Optional[int] = None,
+                 checkpoint_every_s: Optional[float] = 600.0) -> dict:
     device = device or cfg.device
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -63,7 +64,8 @@ def run_training(cfg: TrainConfig, resume: bool = False, device: Optional[str] =
                            seed=cfg.seed * 100_003 + epoch, augment=cfg.data.augment)
 
     trainer = Trainer(cfg, model, loader_for_epoch, val.images, val.labels, out_dir, device=device,
-                      rank=rank, world=world, ddp_model=ddp_model, shards=shards, progress=progress)
+                      rank=rank, world=world, ddp_model=ddp_model, shards=shards, progress=progress,
+                      checkpoint_every_s=checkpoint_every_s)
     summary = trainer.fit(resume=resume, stop_after=stop_after)
     summary.update({"train_samples": len(train), "val_samples": len(val),
                     "parameters": model.num_parameters() if hasattr(model, "num_parameters") else None,

@@ -121,11 +121,15 @@ class Trainer:
         out_dir: where ``last.pt`` (resumable), ``best.pt`` (selected weights), ``log.csv`` go.
         rank, world, ddp_model: set by the distributed launcher; ``ddp_model`` wraps ``model``.
         shards: micro-batches per process (gradient accumulation).
+        checkpoint_every_s: also write the resumable ``last.pt`` inside an epoch when this many
+            seconds passed since the last write (so a SIGKILL loses at most that much work);
+            ``None`` or 0: only at epoch ends and on SIGINT/SIGTERM.
     """
 
     def __init__(self, cfg: TrainConfig, model, loader_for_epoch, val_x: Tensor, val_y: Tensor,
                  out_dir, device="cpu", rank: int = 0, world: int = 1, ddp_model=None,
-                 shards: int = 1, progress: bool = True):
+                 shards: int = 1, progress: bool = True,
+                 checkpoint_every_s: Optional[float] = 600.0):
         self.cfg, self.model, self.loader_for_epoch = cfg, model, loader_for_epoch
         self.val_x, self.val_y = val_x[:cfg.data.val_n], val_y[:cfg.data.val_n]
         self.out = Path(out_dir)
@@ -147,6 +151,7 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.opt, T_max=max(self.total_steps, 1), eta_min=t.lr_min)
         self.progress = progress and rank == 0
+        self.checkpoint_every_s = checkpoint_every_s
         self._stop = False
 
     # -- one optimizer step -----------------------------------------------------------------------
@@ -307,6 +312,7 @@ class Trainer:
         max_steps = t.max_steps if t.max_steps is not None else self.total_steps
         t_start = time.perf_counter()
         done_steps = 0
+        last_save = time.perf_counter()
         with self._signals():
             for epoch in range(epoch0, t.epochs):
                 if step >= max_steps:
@@ -330,13 +336,17 @@ class Trainer:
                     pre_steps += r["pretrain"]
                     bar.update(1)
                     bar.set_postfix(loss=f"{r['loss'] / max(r['n'], 1):.3f}")
-                    if self._stop or (stop_after is not None and done_steps >= stop_after):
-                        bar.close()
+                    stopping = self._stop or (stop_after is not None and done_steps >= stop_after)
+                    periodic = (self.checkpoint_every_s and b + 1 < self.steps_per_epoch
+                                and time.perf_counter() - last_save >= self.checkpoint_every_s)
+                    if (stopping or periodic) and self.rank == 0:
                         wall = wall0 + time.perf_counter() - t_start
-                        if self.rank == 0:
-                            st = self._state(epoch, b + 1, step, best, history, wall)
-                            st["epoch_stats"] = [loss_sum, correct, seen, pre_steps]
-                            _atomic_save(st, last)
+                        st = self._state(epoch, b + 1, step, best, history, wall)
+                        st["epoch_stats"] = [loss_sum, correct, seen, pre_steps]
+                        _atomic_save(st, last)
+                        last_save = time.perf_counter()
+                    if stopping:
+                        bar.close()
                         raise TrainingInterrupted(
                             f"interrupted at epoch {epoch + 1}, step {step}; saved {last}; "
                             "continue with --resume")
@@ -363,6 +373,7 @@ class Trainer:
                                         {"epoch": epoch + 1, "selection": best, "config": cfg.to_dict()})
                     wall = wall0 + time.perf_counter() - t_start
                     _atomic_save(self._state(epoch + 1, 0, step, best, history, wall), last)
+                    last_save = time.perf_counter()
                     self._write_log(history)
                     if self.progress:
                         tqdm.write(f"epoch {epoch + 1}: loss {row['train_loss']:.4f} "

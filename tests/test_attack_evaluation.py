@@ -283,7 +283,8 @@ def test_grid_worst_case_modes_and_broken_by(deq, deq_data):
     # each row is exactly PGD with that surrogate and the grid's seed for it; a robust point's
     # worst-case example is its lowest-margin one over the settings
     singles = [pgd_attack(JudgedModule(deq, rep, s), x, y, eps, alpha, steps,
-                          seed=derive_seed(0, "grid", setting_name(s))) for s in settings]
+                          seed=derive_seed(0, "grid", setting_name(s)), check="when_fooled")
+               for s in settings]
     for si, single in enumerate(singles):
         assert torch.equal(full.per_setting[si].bool(), single.correct), si
     robust = full.worst.correct
@@ -314,6 +315,13 @@ def test_grid_worst_case_modes_and_broken_by(deq, deq_data):
             first = int((col == 0).nonzero()[0])
             assert bool((col[:first] == 1).all()) and bool((col[first + 1:] == -1).all())
             assert eff.worst.broken_by[b] == [eff.settings[first]]
+
+    # the reference protocol (same starts and iterates, judged at the last iterate only) never
+    # breaks a point the full grid misses, and costs more f-evaluations per example
+    naive = grid_attack(deq, rep, x, y, eps, alpha, steps, settings=settings, mode="naive", seed=0)
+    assert not bool(((naive.per_setting == 0) & (full.per_setting == 1)).any())
+    assert float(naive.worst.nfev.sum()) > float(full.worst.nfev.sum())
+    assert naive.worst.config["check"] == "last_iterate" and full.worst.config["check"] == "when_fooled"
 
 
 # ---------------------------------------------------------------------------------------------

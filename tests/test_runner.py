@@ -266,6 +266,12 @@ def _with(**over):
     (_with(shard_size=0), r"shard_size: must be an integer >= 1"),
     (_with(name="a/b"), r"name: a non-empty name without '/'"),
     (_with(device="tpu"), r"device: must be 'cpu' or 'cuda"),
+    (_with(attacks={"transfer": {"sources": ["nope@final"]}}),
+     r"attacks\.transfer: 'nope@final': no model 'nope'"),
+    (_with(attacks={"transfer": {"targets": ["deq_tiny_fashion_mnist@early:3"]}}),
+     r"attacks\.transfer: .* not evaluated with defense 'early:3'"),
+    (_with(attacks={"transfer": {"surrogates": ["ui:1,0,0.5"]}}),
+     r"attacks\.transfer\.surrogates: ka must be an integer >= 1"),
     (_with(models=["deq_tiny_fashion_mnist", "deq_tiny_cifar10"]),
      r"data\.dataset: required when the models come from different datasets"),
 ])
@@ -644,3 +650,70 @@ def test_merge_skips_units_already_present(tmp_path):
     assert merge(t, [a, b]) == 0
     with ResultsDB(t) as db:
         assert db.count("records") == 5 and db.count("units") == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. deqbench sweep / deqbench transfer
+# ------------------------------------------------------------------------------------------------
+
+@needs_data
+def test_sweep_then_transfer_matrix(checkpoints, tmp_path, capsys):
+    """``sweep`` runs only clean + grid; ``transfer`` adds one record per (target, source,
+    example) whose diagonal is the target's own PGD with its strongest grid setting; the summary's
+    ALL folds the transfer attacks into the per-example worst case."""
+    from attacks.evaluation import derive_seed, pgd_attack, setting_name
+    from attacks.surrogates import JudgedModule
+    from benchmark.cli import main
+    from benchmark.data import load_dataset, subset
+    from benchmark.runner import _parse_setting, _resolve_defense, _strongest_setting
+
+    raw = _raw(checkpoints, tmp_path, name="tr",
+               attacks={"grid": {"steps": 2, "kas": [1], "lams": [1.0], "mode": "full"},
+                        "transfer": {"steps": 2}})
+    cfg_path = tmp_path / "tr.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    assert main(["sweep", str(cfg_path), "--quiet"]) == 0
+    db = tmp_path / "tr" / "results.sqlite"
+    recs = _records(db)
+    assert set(recs.attack) == {"clean", "grid"}
+    out = capsys.readouterr().out
+    assert "min_over_means" in out and str(db) in out
+    assert main(["transfer", str(cfg_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "transfer matrix" in out
+    recs = _records(db)
+    t = recs[recs.attack == "transfer"]
+    sources = {f"{m}@{d}" for m, d in PAIRS}
+    assert len(t) == len(PAIRS) * len(sources) * N
+    for (mk, dk), g in t.groupby(["model", "defense"]):
+        assert set(g.setting) == sources and g.groupby("setting").example.nunique().eq(N).all()
+        clean = recs[(recs.attack == "clean") & (recs.model == mk) & (recs.defense == dk)]
+        wrong = set(clean[clean.correct == 0].example)
+        assert not set(g[g.correct == 1].example) & wrong  # never robust when wrong clean
+
+    cfg = from_dict(raw)
+    ds = subset(load_dataset("fashion_mnist", "test"), N, seed=0)
+    with ResultsDB(db) as rdb:
+        for mk, dk in PAIRS:
+            spec = next(m for m in cfg.models if m.key == mk)
+            model = mz.load(spec.name, checkpoint=spec.checkpoint)
+            defense = _resolve_defense(rdb, cfg, model, dk, mk, False) if mk.startswith("deq") else None
+            diag = t[(t.model == mk) & (t.defense == dk) & (t.setting == f"{mk}@{dk}")].set_index("example")
+            for lo in range(0, N, SHARD):
+                x, y = ds.images[lo:lo + SHARD], ds.labels[lo:lo + SHARD]
+                idx = [int(i) for i in ds.indices[lo:lo + SHARD]]
+                sur = None
+                if mk.startswith("deq"):
+                    best = _strongest_setting(rdb, mk, dk, idx)
+                    assert best is not None
+                    sur = _parse_setting(best)
+                name = setting_name(sur) if sur is not None else "model"
+                own = pgd_attack(JudgedModule(model, defense, sur), x, y, cfg.eps, cfg.eps / 4, 2,
+                                 seed=derive_seed(0, "transfer", mk, dk, name, idx[0]))
+                assert diag.loc[idx].correct.tolist() == own.correct.int().tolist(), (mk, dk, lo)
+        summ = summarize(rdb)
+    assert "transfer" in summ.columns
+    assert (summ.ALL <= summ.transfer + 1e-12).all() and (summ.ALL <= summ.grid.fillna(1) + 1e-12).all()
+    # targets restrict the rows, and a config without the section is refused clearly
+    with pytest.raises(ValueError, match="no attacks.transfer section"):
+        evaluate(from_dict(_raw(checkpoints, tmp_path, name="x")), progress=False, only={"transfer"})
