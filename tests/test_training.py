@@ -162,6 +162,34 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert [l.split(",")[:8] for l in la] == [l.split(",")[:8] for l in lb]
 
 
+def test_periodic_checkpoint_survives_a_crash(tmp_path, monkeypatch):
+    """A crash (no signal handler runs, like SIGKILL) after a periodic mid-epoch checkpoint
+    loses only the steps after it; resuming ends with the uninterrupted run's weights."""
+    from model_zoo.training import Trainer
+    cfg_a = _cfg(tmp_path / "a", method="pgd_at", epochs=2)
+    run_training(cfg_a, progress=False, checkpoint_every_s=None)
+    cfg_b = _cfg(tmp_path / "b", method="pgd_at", epochs=2)
+    real = Trainer.train_step
+    calls = {"n": 0}
+
+    def crashing(self, x, y, epoch, step):
+        calls["n"] += 1
+        if calls["n"] == 6:  # the 3rd step of epoch 2: the process dies mid-step
+            raise KeyboardInterrupt("simulated kill")
+        return real(self, x, y, epoch, step)
+
+    monkeypatch.setattr(Trainer, "train_step", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg_b, progress=False, checkpoint_every_s=1e-9)  # save after every step
+    ck = torch.load(tmp_path / "b" / "t" / "last.pt", weights_only=True)
+    assert (ck["epoch"], ck["step_in_epoch"], ck["global_step"]) == (1, 2, 5)
+    monkeypatch.setattr(Trainer, "train_step", real)
+    run_training(cfg_b, resume=True, progress=False)
+    a, b = _state(tmp_path / "a" / "t" / "last.pt"), _state(tmp_path / "b" / "t" / "last.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_resume_refuses_other_config(tmp_path):
     run_training(_cfg(tmp_path, epochs=1), progress=False)
     with pytest.raises(ValueError, match="different config"):
