@@ -12,7 +12,7 @@ from pathlib import Path
 import model_zoo
 from benchmark.leaderboard import make_entry, render, write_entry
 from benchmark.results_db import ResultsDB
-from benchmark.runner import summarize
+from benchmark.runner import flags_from_records, summarize
 
 __all__ = ["leaderboard_from_db", "entry_name"]
 
@@ -56,7 +56,7 @@ def leaderboard_from_db(db_path, root="leaderboards", render_files: bool = True)
         cfg = db.get_meta("config") or {}
         ds = db.get_meta("dataset") or {}
         prov = db.get_meta("provenance") or {}
-        flags_all = db.get_meta("obfuscation_flags") or {}
+        records = db.records_frame()
         paths = []
         for _, r in summary.iterrows():
             entry = model_zoo.get_entry(_base_name(cfg, r["model"]))
@@ -70,11 +70,13 @@ def leaderboard_from_db(db_path, root="leaderboards", render_files: bool = True)
                    "budget": _budget(db, r["model"], r["defense"]),
                    "data_source": f"{ds.get('name')} test subset n={ds.get('n')} seed {ds.get('seed')}",
                    "commit": prov.get("git_commit", "unknown"), "n_examples": int(r["n"])}
-            if r.get("grid") == r.get("grid"):
-                deq["grid_worst_case_acc"] = float(r["grid"])
+            grid = r.get("grid")
+            if grid is not None and grid == grid:  # NaN: the grid did not run on this pair
+                deq["grid_worst_case_acc"] = float(grid)
             if mom is not None and mom == mom:
                 deq["min_over_means_acc"] = float(mom)
-            flags = flags_all.get(f"{r['model']}|{r['defense']}")
+            g = records[(records.model == r["model"]) & (records.defense == r["defense"])]
+            flags = {k: v for k, v in (flags_from_records(g) or {}).items() if isinstance(v, dict)}
             if flags:
                 deq["flags"] = flags
             e = make_entry(entry_name(r["model"], r["defense"]), clean_acc=float(r["clean"]),

@@ -18,6 +18,8 @@ Example (``configs/eval/fmnist_zoo_demo.yaml``)::
       grid: {steps: 10, alpha: 0.025, kas: [1, 5, 9], lams: [0.5, 1.0], mode: efficient}
       autoattack: {attacks: [apgd-ce, apgd-t, fab-t, square], budget: {apgd_n_iter: 20}}
       adaptive: {steps: 10}
+      checks: {steps: 10, square_queries: 200}   # gradient-obfuscation indicators
+      transfer: {steps: 10}                      # every (model, defense) -> every other
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ __all__ = ["RunConfig", "ModelSpec", "load_run_config", "ConfigError", "ATTACK_K
 ATTACK_KEYS = {
     "pgd": {"steps", "alpha", "random_start", "surrogate"},
     "grid": {"steps", "alpha", "kas", "lams", "mode", "preset", "on_test_time_defenses"},
-    "autoattack": {"attacks", "budget", "surrogate"},
+    "autoattack": {"attacks", "budget", "surrogate", "on_test_time_defenses"},
+    "checks": {"steps", "alpha", "square_queries", "large_eps", "surrogate"},
     "adaptive": {"steps", "alpha", "ka", "lam"},
     "transfer": {"sources", "targets", "steps", "alpha", "surrogates"},
 }

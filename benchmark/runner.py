@@ -24,7 +24,8 @@ import torch
 
 import model_zoo
 from attacks.evaluation import (FEvalMeter, adaptive_attacks, autoattack_attack, derive_seed,
-                                grid_attack, pgd_attack, reported_margin, rescore, setting_name)
+                                grid_attack, obfuscation_flags, pgd_attack, reported_margin,
+                                rescore, setting_name)
 from attacks.surrogates import (JudgedModule, PhantomFinal, UnrolledIntermediate,
                                 grid_settings, make_surrogate)
 from benchmark.data import load_dataset, subset
@@ -203,6 +204,74 @@ def _transfer_records(db, cfg, model, defense, opts, x, y, idx, state, resolve, 
     return recs
 
 
+def _check_records(db, cfg, model, defense, mkey, dkey, opts, x, y, idx, state, seed):
+    """Per-example records behind the gradient-obfuscation indicators (attacks.evaluation.
+    obfuscation_flags): PGD-k and PGD-2k (more iterations must not help the defense), Square
+    (black-box must not beat white-box), PGD-2k at a large eps (accuracy should reach ~0) and,
+    for DEQs, whether the surrogate agrees with the reported forward on the clean input.
+    Settings: 'pgd{k}', 'pgd{2k}', 'square{q}' (these count in ALL), 'large_eps{e}' and
+    'clean_agreement' (these do not)."""
+    eps = cfg.eps
+    steps, alpha = opts.get("steps", 10), opts.get("alpha", eps / 4)
+    q = opts.get("square_queries", 1000)
+    big = opts.get("large_eps", min(1.0, 5 * eps))
+    sur = None
+    if getattr(model, "is_deq", False):
+        spec = opts.get("surrogate", "strongest")
+        if spec == "strongest":
+            best = _strongest_setting(db, mkey, dkey, idx)
+            sur = _parse_setting(best) if best else PhantomFinal()
+        else:
+            sur = make_surrogate(spec)
+    judged = JudgedModule(model, defense, sur)
+    bs = cfg.batch_size
+    outs = {
+        f"pgd{steps}": pgd_attack(judged, x, y, eps, alpha, steps, seed=seed, batch_size=bs),
+        f"pgd{2 * steps}": pgd_attack(judged, x, y, eps, alpha, 2 * steps, seed=seed, batch_size=bs),
+        f"square{q}": autoattack_attack(judged, x, y, eps, attacks=["square"],
+                                        budget={"square_n_queries": q}, seed=seed, batch_size=bs),
+        f"large_eps{big:g}": pgd_attack(judged, x, y, big, big / 4, 2 * steps, seed=seed,
+                                        batch_size=bs, name="pgd_large_eps"),
+    }
+    recs = []
+    for name, out in outs.items():
+        recs += _outcome_records(out, idx, y, name, state)
+    if sur is not None:
+        with torch.no_grad():
+            agree = (judged.reported_logits(x).argmax(-1)
+                     == sur.logits(model, x).argmax(-1))
+    else:
+        agree = torch.ones(len(x), dtype=torch.bool)
+    for k in range(len(idx)):
+        recs.append({"setting": "clean_agreement", "example": idx[k], "label": int(y[k]),
+                     "correct": int(agree[k]), "state": state})
+    return recs, {"attack": "checks", "steps": steps, "alpha": alpha, "square_queries": q,
+                  "large_eps": big, "eps": eps, "seed": seed, **judged.config()}
+
+
+CHECKS_NOT_ATTACKS = ("large_eps", "clean_agreement")  # check records that are not eps-attacks
+
+
+def flags_from_records(g) -> Optional[dict]:
+    """The obfuscation flags of one (model, defense) from its 'checks' records (None without)."""
+    c = g[g.attack == "checks"]
+    if c.empty:
+        return None
+    acc = c.groupby("setting").correct.mean()
+    clean = g[g.attack == "clean"].set_index("example").correct
+    def robust(setting):  # robust accuracy over all examples (clean-wrong points count 0)
+        s = c[c.setting == setting].set_index("example").correct
+        return float((s.reindex(clean.index).fillna(0) * clean).mean())
+    pgd = sorted((int(s[3:]), s) for s in acc.index if s.startswith("pgd"))
+    white = {s: robust(s) for _, s in pgd}
+    black = {s: robust(s) for s in acc.index if s.startswith("square")}
+    large = [s for s in acc.index if s.startswith("large_eps")]
+    return obfuscation_flags(white, black or None, {k: robust(s) for k, s in pgd},
+                             large_eps=robust(large[0]) if large else None,
+                             clean_agreement=float(acc["clean_agreement"])
+                             if "clean_agreement" in acc.index else None)
+
+
 def _run_unit(db, cfg, model, defense, mkey, dkey, attack, opts, x, y, idx, progress,
               resolve=None, cache=None):
     eps = cfg.eps
@@ -255,6 +324,8 @@ def _run_unit(db, cfg, model, defense, mkey, dkey, attack, opts, x, y, idx, prog
                                ka=opts.get("ka", 9), lam=opts.get("lam", 0.5),
                                batch_size=cfg.batch_size)
         return _outcome_records(out, idx, y, "worst", state, model, defense), out.config
+    if attack == "checks":
+        return _check_records(db, cfg, model, defense, mkey, dkey, opts, x, y, idx, state, seed)
     if attack == "transfer":
         recs = _transfer_records(db, cfg, model, defense, opts, x, y, idx, state, resolve,
                                  cache if cache is not None else {})
@@ -270,10 +341,12 @@ def _applicable(attack, model, defense, opts) -> bool:
         return is_deq and (_plain(defense) or opts.get("on_test_time_defenses", False))
     if attack == "adaptive":
         return is_deq and not _plain(defense)
+    if attack == "autoattack":
+        return _plain(defense) or opts.get("on_test_time_defenses", True)
     return True
 
 
-ORDER = ("clean", "pgd", "grid", "autoattack", "adaptive", "transfer")
+ORDER = ("clean", "pgd", "grid", "autoattack", "adaptive", "checks", "transfer")
 
 
 def evaluate(cfg: RunConfig, progress: bool = True, rank: Optional[int] = None,
@@ -426,6 +499,12 @@ def summarize(db: ResultsDB):
                "state": clean.state.iloc[0] if n else None,
                "f_evals_per_forward": (clean.nfev_nograd + clean.nfev_grad).mean() if n else None}
         final = {"clean": clean.set_index("example").correct}
+        ch = g[(g.attack == "checks") & ~g.setting.str.startswith(CHECKS_NOT_ATTACKS)]
+        if len(ch):  # PGD-k, PGD-2k and Square of the obfuscation checks are attacks too
+            final["checks"] = ch.groupby("example").correct.min()
+            flags = flags_from_records(g)
+            row["flags"] = ",".join(k for k, v in flags.items()
+                                    if isinstance(v, dict) and v.get("flag")) or "none"
         tr = g[g.attack == "transfer"]
         if len(tr):  # the per-example worst case over the transfer sources
             s = tr.groupby("example").correct.min()

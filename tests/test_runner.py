@@ -717,3 +717,40 @@ def test_sweep_then_transfer_matrix(checkpoints, tmp_path, capsys):
     # targets restrict the rows, and a config without the section is refused clearly
     with pytest.raises(ValueError, match="no attacks.transfer section"):
         evaluate(from_dict(_raw(checkpoints, tmp_path, name="x")), progress=False, only={"transfer"})
+
+
+@needs_data
+def test_obfuscation_checks_become_records_flags_and_leaderboard_fields(checkpoints, tmp_path):
+    from benchmark.reports import leaderboard_from_db
+    from benchmark.runner import flags_from_records
+    raw = _raw(checkpoints, tmp_path, name="chk",
+               attacks={"pgd": {"steps": 2},
+                        "checks": {"steps": 2, "square_queries": 10, "large_eps": 0.5}})
+    raw["models"][0]["defenses"] = ["final"]
+    res = evaluate(from_dict(raw), progress=False)
+    recs = _records(res["db"])
+    c = recs[recs.attack == "checks"]
+    assert set(c.setting) == {"pgd2", "pgd4", "square10", "large_eps0.5", "clean_agreement"}
+    assert (c.groupby("setting").example.nunique() == N).all()
+    for (mk, dk), g in recs.groupby(["model", "defense"]):
+        flags = flags_from_records(g)
+        clean = g[g.attack == "clean"].set_index("example").correct
+        big = c[(c.model == mk) & (c.setting == "large_eps0.5")].set_index("example").correct
+        # at 5x the eps the attack must win almost everywhere on these weak models
+        assert flags["large_eps_not_zero"]["accuracy"] == pytest.approx(
+            float((big.reindex(clean.index) * clean).mean()))
+        assert set(flags) >= {"black_box_stronger", "more_iterations_raise_accuracy",
+                              "large_eps_not_zero", "surrogate_disagrees_on_clean", "any"}
+        agree = flags["surrogate_disagrees_on_clean"]["agreement"]
+        assert agree == 1.0 if mk.startswith("small_cnn") else 0.0 <= agree <= 1.0
+    with ResultsDB(res["db"]) as db:
+        summ = summarize(db).set_index("model")
+    # PGD-2k and Square count in ALL, the large-eps attack does not
+    for mk, row in summ.iterrows():
+        g = recs[(recs.model == mk) & ((recs.attack != "checks")
+                                       | recs.setting.isin(["pgd2", "pgd4", "square10"]))]
+        assert row.ALL == pytest.approx(g.groupby("example").correct.min().mean())
+        assert isinstance(row["flags"], str)
+    paths = leaderboard_from_db(res["db"], root=tmp_path / "lb")
+    entries = [json.loads(p.read_text()) for p in paths]
+    assert all("flags" in e["deq"] and "any" not in e["deq"]["flags"] for e in entries)
