@@ -46,10 +46,17 @@ test: setup data browser
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
-# The main job. Until the benchmark issue lands: the zoo, then one clean evaluation of one model.
+# The main job: the leaderboard protocol on the shipped Fashion-MNIST zoo (reduced budgets,
+# configs/eval/fmnist_zoo_demo.yaml), then the leaderboard, the paper's tables and figures.
+# Resumable: run it again after an interruption; a finished run only re-reads its database.
+DEMO_RUN := runs/demo/fmnist_zoo_demo
 demo: setup data
 	$(VENV)/bin/deqbench zoo list
-	$(VENV)/bin/deqbench eval --model deq_tiny_fashion_mnist --allow-untrained --n 500 --output runs/demo/eval_deq_tiny.json
+	$(VENV)/bin/deqbench leaderboard configs/eval/fmnist_zoo_demo.yaml
+	$(VENV)/bin/deqbench tables $(DEMO_RUN)
+	$(VENV)/bin/deqbench figures $(DEMO_RUN)
+	@echo "leaderboard: leaderboards/fashion_mnist-Linf/leaderboard.{md,csv,html}"
+	@echo "tables and figures: $(DEMO_RUN)/tables/ and $(DEMO_RUN)/figures/"
 
 bench: setup
 	$(VENV)/bin/deqbench bench forward --model deq_tiny_fashion_mnist --output runs/bench/forward.json

@@ -38,7 +38,8 @@ ATTACK_KEYS = {
     "pgd": {"steps", "alpha", "random_start", "surrogate"},
     "grid": {"steps", "alpha", "kas", "lams", "mode", "preset", "on_test_time_defenses"},
     "autoattack": {"attacks", "budget", "surrogate", "on_test_time_defenses"},
-    "checks": {"steps", "alpha", "square_queries", "large_eps", "surrogate"},
+    "checks": {"steps", "alpha", "square_queries", "large_eps", "surrogate",
+               "on_test_time_defenses"},
     "adaptive": {"steps", "alpha", "ka", "lam"},
     "transfer": {"sources", "targets", "steps", "alpha", "surrogates"},
 }

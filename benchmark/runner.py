@@ -341,7 +341,7 @@ def _applicable(attack, model, defense, opts) -> bool:
         return is_deq and (_plain(defense) or opts.get("on_test_time_defenses", False))
     if attack == "adaptive":
         return is_deq and not _plain(defense)
-    if attack == "autoattack":
+    if attack in ("autoattack", "checks"):
         return _plain(defense) or opts.get("on_test_time_defenses", True)
     return True
 

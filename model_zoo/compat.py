@@ -67,6 +67,7 @@ __all__ = [
     "repair_robustbench_install",
     "resnet18",
     "robustbench_benchmark",
+    "robustbench_benchmark_local",
     "load_model_info_json",
     "main",
 ]
@@ -552,6 +553,39 @@ def robustbench_benchmark(*args: Any, **kwargs: Any):
             "robust_flags after the attack) and pyautoattack 0.2.0 cannot resume; pass "
             "aa_state_path=None and resume at the project level.")
     return import_robustbench().benchmark(*args, **kwargs)
+
+
+def robustbench_benchmark_local(model, x, y, eps: float, dataset: str = "cifar10",
+                                batch_size: int = 32, device=None, **kwargs):
+    """``robustbench.benchmark()`` on images WE loaded (e.g. ``benchmark.data.load_dataset``
+    from a local ``cifar-10-batches-py/``) instead of robustbench's loader, which downloads
+    through torchvision (``download=True``) and fails offline. robustbench's own clean-accuracy
+    and AutoAttack code then runs unchanged on ``x`` (N, C, H, W in [0, 1]) and ``y``.
+
+    ``dataset`` is robustbench's label ('cifar10', 'cifar100', 'imagenet'); it only selects
+    robustbench's preprocessing (none for CIFAR) and the ``to_disk`` folder. Returns
+    ``(clean_accuracy, adversarial_accuracy)`` as robustbench computes them."""
+    import torch
+    if x.ndim != 4 or len(x) != len(y):
+        raise ValueError(f"x must be (N, C, H, W) with len(y) == N, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if float(x.min()) < 0 or float(x.max()) > 1:
+        raise ValueError("x must lie in [0, 1]")
+    import_robustbench()
+    rb_eval = sys.modules["robustbench.eval"]
+    n = len(x)
+
+    def local_loader(_dataset, n_examples, _data_dir, _prepr):
+        return x[:n_examples].cpu(), y[:n_examples].cpu()
+
+    # robustbench.eval imported load_clean_dataset by name: patch it there, for this call only.
+    old = rb_eval.load_clean_dataset
+    rb_eval.load_clean_dataset = local_loader
+    try:
+        return robustbench_benchmark(model, n_examples=n, dataset=dataset, threat_model="Linf",
+                                     eps=eps, batch_size=batch_size,
+                                     device=device or torch.device("cpu"), **kwargs)
+    finally:
+        rb_eval.load_clean_dataset = old
 
 
 def resnet18(num_classes: int = 10):
