@@ -563,7 +563,8 @@ def robustbench_benchmark_local(model, x, y, eps: float, dataset: str = "cifar10
     and AutoAttack code then runs unchanged on ``x`` (N, C, H, W in [0, 1]) and ``y``.
 
     ``dataset`` is robustbench's label ('cifar10', 'cifar100', 'imagenet'); it only selects
-    robustbench's preprocessing (none for CIFAR) and the ``to_disk`` folder. Returns
+    robustbench's preprocessing (none for CIFAR) and the ``to_disk`` folder, so for a dataset
+    robustbench does not know (Fashion-MNIST) keep 'cifar10' with ``to_disk=False``. Returns
     ``(clean_accuracy, adversarial_accuracy)`` as robustbench computes them."""
     import torch
     if x.ndim != 4 or len(x) != len(y):
