@@ -582,3 +582,29 @@ def test_pgd_on_an_empty_batch(linear):
     model, x, y, _ = linear
     o = pgd_attack(JudgedModule(model), x[:0], y[:0], 0.1, 0.01)
     assert len(o.correct) == 0 and o.records() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. the shipped zoo: standard training is broken, PGD-AT is not
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="Fashion-MNIST (dataset-fashion-mnist) not installed")
+def test_shipped_standard_deq_is_broken_and_shipped_pgdat_deq_is_not():
+    from attacks.surrogates import PhantomFinal
+    from benchmark.data import load_dataset, subset
+    ds = subset(load_dataset("fashion_mnist", "test"), 32, seed=0)
+    x, y = ds.images, ds.labels
+    eps = 0.1  # the zoo's threat model
+    accs = {}
+    for name in ("deq_tiny_fmnist_standard", "deq_tiny_fmnist_pgdat_sec33"):
+        jm = JudgedModule(mz.load(name), mz.FinalState(), PhantomFinal())
+        clean = float((jm.reported_logits(x).argmax(-1) == y).double().mean())
+        pgd = pgd_attack(jm, x, y, eps, eps / 4, steps=10, seed=0)
+        aa = autoattack_attack(jm, x, y, eps, attacks=["apgd-ce"], budget={"apgd_n_iter": 10})
+        assert _in_bounds(pgd.x_adv, x, eps) and _in_bounds(aa.x_adv, x, eps)
+        accs[name] = (clean, pgd.accuracy, aa.accuracy)
+    clean, pgd, apgd = accs["deq_tiny_fmnist_standard"]
+    assert clean >= 0.8 and pgd <= 0.05 and apgd <= 0.05, accs
+    clean, pgd, apgd = accs["deq_tiny_fmnist_pgdat_sec33"]
+    assert clean >= 0.65 and pgd >= 0.35 and apgd >= 0.35, accs
