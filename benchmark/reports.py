@@ -61,7 +61,8 @@ def leaderboard_from_db(db_path, root="leaderboards", render_files: bool = True)
         for _, r in summary.iterrows():
             entry = model_zoo.get_entry(_base_name(cfg, r["model"]))
             aa = r.get("autoattack")
-            if aa is None or aa != aa:  # no AutoAttack in this run: rank by ALL
+            aa_missing = aa is None or aa != aa
+            if aa_missing:  # no AutoAttack on this entry: RobustBench's field holds ALL, labelled
                 aa = r["ALL"]
             state = r.get("state")
             mom = r.get("min_over_means")
@@ -70,6 +71,9 @@ def leaderboard_from_db(db_path, root="leaderboards", render_files: bool = True)
                    "budget": _budget(db, r["model"], r["defense"]),
                    "data_source": f"{ds.get('name')} test subset n={ds.get('n')} seed {ds.get('seed')}",
                    "commit": prov.get("git_commit", "unknown"), "n_examples": int(r["n"])}
+            if aa_missing:
+                deq["budget"]["level"] = "reduced"
+                deq["budget"]["knobs"]["autoattack"] = "not run (autoattack_acc = ALL)"
             grid = r.get("grid")
             if grid is not None and grid == grid:  # NaN: the grid did not run on this pair
                 deq["grid_worst_case_acc"] = float(grid)
@@ -85,7 +89,9 @@ def leaderboard_from_db(db_path, root="leaderboards", render_files: bool = True)
                            eps=float(cfg["threat"]["eps"]), architecture=entry.architecture,
                            number_forward_passes=1, deq=deq, venue=entry.venue or "",
                            reported=entry.paper or "", link="",
-                           footnote=f"deqbench run {cfg.get('name')}; training: {entry.training}")
+                           footnote=f"deqbench run {cfg.get('name')}; training: {entry.training}"
+                                    + ("; AutoAttack not run on this entry: autoattack_acc is "
+                                       "the worst case of the attacks run" if aa_missing else ""))
             paths.append(write_entry(e, root))
     if render_files and paths:
         render(paths[0].parent)
