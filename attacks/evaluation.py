@@ -215,48 +215,22 @@ def _clean_correct(judged, x, y, meter, batch_size):
 # ---------------------------------------------------------------------------------------------
 
 def _pgd_core(judged, x, y, eps, alpha, steps, start: Tensor, early_stop: bool,
-              meter: FEvalMeter, idx_global: Tensor):
+              meter: FEvalMeter, idx_global: Tensor, surrogate_only: bool = False,
+              max_checks: int = 1):
     """PGD iterations from ``start`` on every row; returns the final iterates and a (B,) bool
-    of rows stopped early because the reported forward misclassified their current iterate."""
+    of rows stopped early because the reported forward misclassified their current iterate.
+
+    ``surrogate_only=False``: each step calls ``judged`` -- its output IS the reported forward,
+    so early stopping is free. ``True`` (the grid): the surrogate runs ALONE (a solve to z[i]
+    plus the unroll) instead of with the reported forward's full solve, the loss is CE on the
+    surrogate's logits as in the reference, and the reported forward is asked only for rows the
+    surrogate misclassifies (a filter deciding where to look; the judge is always the reported
+    forward), at most ``max_checks`` times per row: where the surrogate is fooled and the
+    reported forward is not (the obfuscation gap of early states), checking every step would
+    cost a reported solve per step and undo the saving. Rows never frozen are judged on the
+    reported forward at their last iterate by the caller, as the reference judges every row."""
     x_adv = start.clone()
     stopped = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    for _ in range(steps):
-        act = (~stopped).nonzero().flatten()
-        if len(act) == 0:
-            break
-        xv = x_adv[act].clone().requires_grad_(True)
-        with meter.on(idx_global[act.cpu()]):
-            with torch.enable_grad():
-                out = judged(xv)
-                loss = F.cross_entropy(out, y[act], reduction="sum")
-                (g,) = torch.autograd.grad(loss, xv)
-        move = torch.ones(len(act), dtype=torch.bool, device=x.device)
-        if early_stop:  # ``out`` IS the reported forward at the current iterate
-            broken = out.detach().argmax(-1) != y[act]
-            stopped[act[broken]] = True
-            move = ~broken
-        a = act[move]
-        step = x_adv[a] + alpha * g[move].sign()
-        x_adv[a] = torch.min(torch.max(step, x[a] - eps), x[a] + eps).clamp(0, 1)
-    return x_adv, stopped
-
-
-def _pgd_surrogate_core(judged, x, y, eps, alpha, steps, start: Tensor, early_stop: bool,
-                        meter: FEvalMeter, idx_global: Tensor, max_checks: int = 1):
-    """The grid's PGD: the same iterates as :func:`_pgd_core` (the gradient is the surrogate's
-    either way) but the surrogate is run ALONE -- a solve to z[i] plus the unroll -- instead of
-    with the reported forward's full solve at every step. The reported forward is consulted
-    for rows whose surrogate logits misclassify the current iterate (a cheap filter that only
-    decides where to look; the judge is always the reported forward): such a row is frozen when
-    the REPORTED forward misclassifies that iterate too.
-    Rows never frozen are judged on the reported forward at their last iterate by the caller,
-    exactly as the reference protocol judges every row, so the result is never weaker than it."""
-    model, src = judged.model, judged.surrogate
-    x_adv = start.clone()
-    stopped = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-    # At most ``max_checks`` reported forwards per row during PGD: where the surrogate is fooled
-    # but the reported forward is not (the obfuscation gap of early states), checking at every
-    # step would cost a full reported solve per step and undo the saving.
     checks = torch.zeros(len(x), dtype=torch.long, device=x.device)
     for _ in range(steps):
         act = (~stopped).nonzero().flatten()
@@ -265,11 +239,16 @@ def _pgd_surrogate_core(judged, x, y, eps, alpha, steps, start: Tensor, early_st
         xv = x_adv[act].clone().requires_grad_(True)
         with meter.on(idx_global[act.cpu()]):
             with torch.enable_grad():
-                out = src.logits(model, xv)
+                out = (judged.surrogate.logits(judged.model, xv) if surrogate_only
+                       else judged(xv))
                 loss = F.cross_entropy(out, y[act], reduction="sum")
                 (g,) = torch.autograd.grad(loss, xv)
         move = torch.ones(len(act), dtype=torch.bool, device=x.device)
-        if early_stop:
+        if early_stop and not surrogate_only:
+            broken = out.detach().argmax(-1) != y[act]
+            stopped[act[broken]] = True
+            move = ~broken
+        elif early_stop:
             fooled = ((out.detach().argmax(-1) != y[act])
                       & (checks[act] < max_checks)).nonzero().flatten()
             if len(fooled):
@@ -301,13 +280,12 @@ def pgd_attack(judged: JudgedModule, x: Tensor, y: Tensor, eps: float, alpha: fl
 
     ``check``: 'every_step' -- the module's output (the reported forward) judges every iterate;
     'when_fooled' -- the surrogate runs alone and the reported forward is asked only where the
-    surrogate misclassifies (the grid's cheaper policy, :func:`_pgd_surrogate_core`).
+    surrogate misclassifies (the grid's cheaper policy, :func:`_pgd_core`).
     """
     _check_eps(eps, alpha, steps)
     if check not in ("every_step", "when_fooled"):
         raise ValueError(f"check must be 'every_step' or 'when_fooled', got {check!r}")
-    core = (_pgd_surrogate_core if check == "when_fooled" and judged.is_deq
-            and judged.surrogate is not None else _pgd_core)
+    surrogate_only = check == "when_fooled" and judged.is_deq and judged.surrogate is not None
     t0 = time.perf_counter()
     x, y = x.detach(), y.detach()
     n = len(x)
@@ -320,8 +298,8 @@ def pgd_attack(judged: JudgedModule, x: Tensor, y: Tensor, eps: float, alpha: fl
     todo = clean_correct.nonzero().flatten()
     for s in range(0, len(todo), batch_size):
         b = todo[s:s + batch_size]
-        x_adv[b], _ = core(judged, x[b], y[b], eps, alpha, steps, start[b], early_stop,
-                           meter, b.cpu())
+        x_adv[b], _ = _pgd_core(judged, x[b], y[b], eps, alpha, steps, start[b], early_stop,
+                                meter, b.cpu(), surrogate_only=surrogate_only)
     correct, margin = rescore(judged, x_adv, x, y, eps, meter, batch_size=batch_size)
     correct &= clean_correct
     broken_by = [[] if c else (["clean"] if not cc else [name])
@@ -366,8 +344,8 @@ class GridOutcome:
 def grid_attack(model, reported, x: Tensor, y: Tensor, eps: float, alpha: float,
                 steps: int = 10, settings: Optional[Sequence[GradientSource]] = None,
                 mode: str = "efficient", seed: int = 0, random_start: bool = True,
-                batch_size: int = 256, progress: bool = False, budget: str = "standard",
-                clean_correct: Optional[Tensor] = None) -> GridOutcome:
+                batch_size: int = 256, progress: bool = False, budget: str = "standard"
+                ) -> GridOutcome:
     """PGD-``steps`` with every gradient source in ``settings`` (default: the paper's 144
     (i, Ka, lambda) settings for the model's N), judged on ``reported``.
 
@@ -378,13 +356,10 @@ def grid_attack(model, reported, x: Tensor, y: Tensor, eps: float, alpha: float,
     input of every point, for every setting. Random starts depend only on (seed, setting,
     example), so all modes take the same iterates; 'efficient' and 'full' also ask the reported
     forward during PGD where the surrogate is fooled and freeze a point the reported forward
-    misclassifies (see :func:`_pgd_surrogate_core`) -- so every point the reference protocol
+    misclassifies (see :func:`_pgd_core`) -- so every point the reference protocol
     breaks is broken here too. PGD's loss is cross-entropy on the SURROGATE's logits, as in
     the reference (the straight-through module of :func:`pgd_attack` weights the surrogate's
     gradient by the reported forward's softmax instead).
-
-    ``clean_correct``: the reported forward's clean correctness of ``x`` when the caller already
-    has it (skips one clean pass).
     """
     if mode not in ("efficient", "full", "naive"):
         raise ValueError(f"mode must be 'efficient', 'full' or 'naive', got {mode!r}")
@@ -402,12 +377,7 @@ def grid_attack(model, reported, x: Tensor, y: Tensor, eps: float, alpha: float,
     n, S = len(x), len(settings)
     meter = FEvalMeter(model, n)
     base = JudgedModule(model, reported)
-    if clean_correct is None:
-        clean_correct, _ = _clean_correct(base, x, y, meter, batch_size)
-    else:
-        clean_correct = clean_correct.to(device=x.device, dtype=torch.bool)
-        if clean_correct.shape != (n,):
-            raise ValueError(f"clean_correct must have shape ({n},), got {tuple(clean_correct.shape)}")
+    clean_correct, _ = _clean_correct(base, x, y, meter, batch_size)
     per = torch.full((S, n), -1, dtype=torch.int8)
     per[:, ~clean_correct.cpu()] = 0
     margin = torch.full((n,), float("inf"))
@@ -426,8 +396,8 @@ def grid_attack(model, reported, x: Tensor, y: Tensor, eps: float, alpha: float,
         start = (x + (2 * noise - 1) * eps).clamp(0, 1) if random_start else x.clone()
         for s in range(0, len(todo), batch_size):
             b = todo[s:s + batch_size]
-            xa, _ = _pgd_surrogate_core(judged, x[b], y[b], eps, alpha, steps, start[b],
-                                        mode != "naive", meter, b.cpu())
+            xa, _ = _pgd_core(judged, x[b], y[b], eps, alpha, steps, start[b],
+                              mode != "naive", meter, b.cpu(), surrogate_only=True)
             c, m = rescore(judged, xa, x[b], y[b], eps, meter, b.cpu(), batch_size)
             if mode == "naive":  # the reference re-evaluates the clean inputs for every setting
                 with meter.on(b.cpu()):

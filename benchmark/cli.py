@@ -170,11 +170,13 @@ def cmd_bench_grid(args):
 
 
 def _evaluate_cmd(args, only=None, title="evaluate"):
+    """``only``: None (everything), or cfg -> the set of attacks to run."""
     from benchmark.run_config import load_run_config
     from benchmark.runner import evaluate
     cfg = load_run_config(args.config)
     if args.device:
         cfg.device = args.device
+    only = only(cfg) if only is not None else None
     res = evaluate(cfg, progress=not args.quiet, only=only)
     if "summary" not in res:  # a non-zero torchrun rank
         return cfg, res
@@ -211,19 +213,15 @@ def cmd_evaluate(args):
 
 
 def cmd_sweep(args):
-    _evaluate_cmd(args, only={"grid"}, title="sweep: the (i, Ka, lambda) grid")
+    _evaluate_cmd(args, only=lambda cfg: {"grid"}, title="sweep: the (i, Ka, lambda) grid")
     return 0
 
 
 def cmd_transfer(args):
-    _evaluate_cmd(args, only={"grid", "transfer"} if _has_grid(args.config) else {"transfer"},
+    # the sources' strongest grid settings first, when the config has a grid
+    _evaluate_cmd(args, only=lambda cfg: {"transfer"} | ({"grid"} & set(cfg.attacks)),
                   title="transfer")
     return 0
-
-
-def _has_grid(path) -> bool:
-    from benchmark.run_config import load_run_config
-    return "grid" in load_run_config(path).attacks
 
 
 def cmd_leaderboard(args):
@@ -338,25 +336,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--output", default=None, help="write the per-example record (JSON) here")
     ev.set_defaults(func=cmd_eval)
 
-    evp = sub.add_parser("evaluate", help="run the leaderboard protocol of a run config (resumable)")
-    evp.add_argument("config")
-    evp.add_argument("--device", default=None)
-    evp.add_argument("--quiet", action="store_true")
-    evp.set_defaults(func=cmd_evaluate)
-
-    sw = sub.add_parser("sweep", help="only the (i, Ka, lambda) grid of a run config (per-setting "
-                                      "accuracy: use attacks.grid.mode full)")
-    sw.add_argument("config")
-    sw.add_argument("--device", default=None)
-    sw.add_argument("--quiet", action="store_true")
-    sw.set_defaults(func=cmd_sweep)
-
-    tp = sub.add_parser("transfer", help="the transfer matrix of a run config (attacks.transfer; "
-                                         "the sources' grid runs first when configured)")
-    tp.add_argument("config")
-    tp.add_argument("--device", default=None)
-    tp.add_argument("--quiet", action="store_true")
-    tp.set_defaults(func=cmd_transfer)
+    for name, func, text in (
+            ("evaluate", cmd_evaluate, "run the leaderboard protocol of a run config (resumable)"),
+            ("sweep", cmd_sweep, "only the (i, Ka, lambda) grid of a run config (per-setting "
+                                 "accuracy: use attacks.grid.mode full)"),
+            ("transfer", cmd_transfer, "the transfer matrix of a run config (attacks.transfer; "
+                                       "the sources' grid runs first when configured)")):
+        ep = sub.add_parser(name, help=text)
+        ep.add_argument("config")
+        ep.add_argument("--device", default=None)
+        ep.add_argument("--quiet", action="store_true")
+        ep.set_defaults(func=func)
 
     lb = sub.add_parser("leaderboard", help="evaluate a run config (if needed) and write its leaderboard")
     lb.add_argument("config")

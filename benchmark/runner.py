@@ -140,6 +140,17 @@ def _parse_setting(name: str) -> UnrolledIntermediate:
                                 "paper" if "paper" in body else "reference")
 
 
+def _surrogate_for(db, model, mkey, dkey, idx, spec):
+    """The gradient source of ``spec`` for a DEQ ('strongest' = the grid setting that broke the
+    most of these examples, else the phantom gradient at the final state); None for non-DEQs."""
+    if not getattr(model, "is_deq", False):
+        return None
+    if spec == "strongest":
+        best = _strongest_setting(db, mkey, dkey, idx)
+        return _parse_setting(best) if best else PhantomFinal()
+    return make_surrogate(spec)
+
+
 def _transfer_sources(cfg: RunConfig) -> list:
     opts = cfg.attacks.get("transfer", {})
     return opts.get("sources") or [f"{m.key}@{d}" for m in cfg.models for d in m.defenses]
@@ -155,13 +166,7 @@ def _craft_transfer(db, cfg, ms, ds, resolve, opts, x, y, idx) -> list:
     eps, alpha = cfg.eps, opts.get("alpha", cfg.eps / 4)
     out, seen = [], set()
     for spec in opts.get("surrogates", ["strongest"]):
-        sur = None
-        if getattr(src_model, "is_deq", False):
-            if spec == "strongest":
-                best = _strongest_setting(db, ms.key, dkey, idx)
-                sur = _parse_setting(best) if best else PhantomFinal()
-            else:
-                sur = make_surrogate(spec)
+        sur = _surrogate_for(db, src_model, ms.key, dkey, idx, spec)
         name = setting_name(sur) if sur is not None else "model"
         if name in seen:
             continue
@@ -179,8 +184,7 @@ def _transfer_records(db, cfg, model, defense, opts, x, y, idx, state, resolve, 
     counts robust only if the target classifies it correctly clean and under every surrogate's
     example of that source (the paper's Table 3 reports the minimum over the attacks)."""
     judged = JudgedModule(model, defense)
-    meter = FEvalMeter(model, len(x))
-    with meter.on(torch.arange(len(x))):
+    with torch.no_grad():
         clean = judged.reported_logits(x).argmax(-1) == y
     recs = []
     for spec in _transfer_sources(cfg):
@@ -190,11 +194,12 @@ def _transfer_records(db, cfg, model, defense, opts, x, y, idx, state, resolve, 
             cache[key] = _craft_transfer(db, cfg, ms, ds, resolve, opts, x, y, idx)
         correct = clean.clone()
         margin = torch.full((len(x),), float("inf"), device=x.device)
+        meter = FEvalMeter(model, len(x))  # the target's f-evaluations on this source's examples
         for _name, xa in cache[key]:
             c, m = rescore(judged, xa, x, y, cfg.eps, meter, batch_size=cfg.batch_size)
             correct &= c
             margin = torch.minimum(margin, m.to(margin.dtype))
-        nf = meter.total  # the target's f-evaluations (crafting cost is the source's)
+        nf = meter.total  # crafting cost is the source's, not counted here
         for k in range(len(idx)):
             recs.append({"setting": f"{ms.key}@{defense_key(ds)}", "example": idx[k],
                          "label": int(y[k]), "correct": int(correct[k]),
@@ -215,14 +220,7 @@ def _check_records(db, cfg, model, defense, mkey, dkey, opts, x, y, idx, state, 
     steps, alpha = opts.get("steps", 10), opts.get("alpha", eps / 4)
     q = opts.get("square_queries", 1000)
     big = opts.get("large_eps", min(1.0, 5 * eps))
-    sur = None
-    if getattr(model, "is_deq", False):
-        spec = opts.get("surrogate", "strongest")
-        if spec == "strongest":
-            best = _strongest_setting(db, mkey, dkey, idx)
-            sur = _parse_setting(best) if best else PhantomFinal()
-        else:
-            sur = make_surrogate(spec)
+    sur = _surrogate_for(db, model, mkey, dkey, idx, opts.get("surrogate", "strongest"))
     judged = JudgedModule(model, defense, sur)
     bs = cfg.batch_size
     outs = {
@@ -307,14 +305,7 @@ def _run_unit(db, cfg, model, defense, mkey, dkey, attack, opts, x, y, idx, prog
                                  "correct": v, "state": state})
         return recs, g.worst.config
     if attack == "autoattack":
-        spec = opts.get("surrogate", "strongest")
-        sur = None
-        if is_deq:
-            if spec == "strongest":
-                best = _strongest_setting(db, mkey, dkey, idx)
-                sur = _parse_setting(best) if best else PhantomFinal()
-            else:
-                sur = make_surrogate(spec)
+        sur = _surrogate_for(db, model, mkey, dkey, idx, opts.get("surrogate", "strongest"))
         out = autoattack_attack(JudgedModule(model, defense, sur), x, y, eps,
                                 attacks=opts.get("attacks", ("apgd-ce", "apgd-t", "fab-t", "square")),
                                 budget=opts.get("budget"), seed=seed, batch_size=cfg.batch_size)

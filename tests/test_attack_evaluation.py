@@ -407,7 +407,6 @@ def test_injected_ball_and_range_violations_are_caught(deq, deq_data, linear, mo
     def stray_core(judged, x, y, eps, *args, **kw):
         return (x + 2 * eps).clamp(0, 1), torch.zeros(len(x), dtype=torch.bool)
     monkeypatch.setattr(ev, "_pgd_core", stray_core)
-    monkeypatch.setattr(ev, "_pgd_surrogate_core", stray_core)
     with pytest.raises(ValueError, match="ball"):
         pgd_attack(jm, x, y, EPS, EPS / 4, steps=2)
     for mode in ("full", "efficient", "naive"):
