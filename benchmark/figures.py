@@ -20,8 +20,10 @@ Files (``<slug>`` = model and defense; one per (model, defense) with the data):
   entropy increase (compare defenses side by side for the defense's effect);
 * ``fig5_<slug>``: the strongest per-state accuracy for lambda = 1.0 vs 0.5;
 * ``fig4_training_curves``: training curves from ``log.csv`` files (:func:`plot_training_curves`).
-* Fig. 3 (c), the relative deviation ||z~[t] - z[t]|| / ||z[t]||, needs the states themselves,
-  which the database does not store: not drawn (:func:`figure3c`).
+* ``fig3c_deviation``: the relative deviation ||z~[t] - z[t]|| / ||z[t]|| (in %) of the
+  perturbed dynamics (ready-made PGD examples) from the clean ones along t, one line (mean) and
+  band (25-75 % quantiles) per (model, defense) in ONE figure, as the paper compares its models;
+  from the records' ``extra.deviation`` (:func:`figure3c`).
 
 Figures whose data is absent are skipped; ``figures.md`` in the output folder lists what was
 drawn and what was skipped, and why. Per-setting accuracies (Fig. 3a, 5) need grid settings that
@@ -46,11 +48,9 @@ from benchmark.tables import (RunData, _groups, entropy_pairs, load_run,
                               setting_accuracies, table8)
 
 __all__ = ["write_figures", "plot_training_curves", "figure2a", "figure2b", "figure3a",
-           "figure3b", "figure3c", "figure5", "find_training_logs", "main"]
+           "figure3b", "figure3c", "deviation_table", "figure5", "find_training_logs", "main"]
 
-FIG3C_NOTE = ("Fig. 3 (c) (relative deviation ||z~[t] - z[t]|| / ||z[t]|| along the dynamics) is "
-              "not drawn: it needs the intermediate states z[t] of clean and perturbed inputs, "
-              "which the results database does not store (only H(z[t]) and residuals).")
+FIG3C_ATTACK = "pgd"  # the perturbed inputs of Fig. 3 (c): the ready-made PGD at the final state
 
 
 def _new_figure(w=6.4, h=4.2, ncols=1):
@@ -207,11 +207,51 @@ def figure3b(data: RunData, model: str, defense: str, g, out_dir: Path, formats)
     return _save(fig, out_dir, f"fig3b_{_slug(model, defense)}", formats)
 
 
-def figure3c(*_args, **_kwargs) -> list:
-    """Fig. 3 (c) is not drawn: the relative deviation ||z~[t] - z[t]|| / ||z[t]|| needs the
-    intermediate states of clean and perturbed inputs, which the database does not store.
-    Returns ``[]`` (no files); :data:`FIG3C_NOTE` is written to ``figures.md``."""
-    return []
+def deviation_table(data: RunData, attack: str = FIG3C_ATTACK) -> "pd.DataFrame":
+    """Per (model, defense, state t): mean and 25/50/75 % quantiles of the relative deviation
+    ||z~[t] - z[t]|| / ||z[t]|| over the examples whose ``attack`` record carries
+    ``extra.deviation`` (primary setting only), and their number ``n``."""
+    import pandas as pd
+    rows = []
+    for (mk, dk), g in _groups(data.records):
+        a = g[g.attack == attack]
+        a = a[a.setting == "worst"] if attack == "grid" else a
+        devs = [e["deviation"] for e in a.extra
+                if isinstance(e, dict) and isinstance(e.get("deviation"), list) and e["deviation"]]
+        if not devs:
+            continue
+        T = min(len(d) for d in devs)
+        d = np.array([v[:T] for v in devs], float)
+        for t in range(T):
+            q25, q50, q75 = np.quantile(d[:, t], [0.25, 0.5, 0.75])
+            rows.append({"model": mk, "defense": dk, "t": t + 1, "mean": float(d[:, t].mean()),
+                         "q25": float(q25), "median": float(q50), "q75": float(q75),
+                         "n": len(d)})
+    return pd.DataFrame(rows, columns=["model", "defense", "t", "mean", "q25", "median", "q75", "n"])
+
+
+def figure3c(data: RunData, out_dir: Path, formats, attack: str = FIG3C_ATTACK) -> list:
+    """Relative deviation of the perturbed from the clean dynamics along t, every (model,
+    defense) with the data in one figure (mean line, 25-75 % band). ``[]`` without data."""
+    d = deviation_table(data, attack)
+    if d.empty:
+        return []
+    fig, (ax,) = _new_figure(7.0, 4.5)
+    ns = []
+    for (mk, dk), g in d.groupby(["model", "defense"], sort=False):
+        g = g.sort_values("t")
+        line, = ax.plot(g.t, 100 * g["mean"], "o-", label=f"{mk} [{dk}]")
+        ax.fill_between(g.t, 100 * g.q25, 100 * g.q75, color=line.get_color(), alpha=0.15)
+        ns.append(int(g.n.iloc[0]))
+    ax.set_xlabel("state t")
+    ax.set_ylabel(r"$\|\tilde z[t] - z[t]\| / \|z[t]\|$  (%)")
+    ax.set_xticks(sorted(int(t) for t in d.t.unique()))
+    ax.legend(fontsize=7)
+    n = min(ns) if min(ns) == max(ns) else f"{min(ns)}-{max(ns)}"
+    fig.suptitle("Fig. 3 (c): relative deviation of the perturbed from the clean dynamics "
+                 f"({attack.upper()} examples; mean, 25-75 % band)\n"
+                 f"{data.dataset}, eps={data.eps_text}, n={n}", fontsize=10)
+    return _save(fig, out_dir, "fig3c_deviation", formats)
 
 
 def figure5(data: RunData, model: str, defense: str, t8, out_dir: Path, formats) -> list:
@@ -359,13 +399,13 @@ def find_training_logs(data: RunData) -> list:
 def write_figures(db_path, out_dir=None, formats=("png", "pdf"), training_logs=None) -> list:
     """Draw every figure the run's data allows into ``out_dir`` (default ``RUN_DIR/figures``) in
     each of ``formats``; skip (without error) those whose data is absent. Also writes
-    ``figures.md`` (what was drawn, what was skipped and why, including Fig. 3 (c), which cannot
-    be drawn from stored data). Returns the paths written (figures.md last)."""
+    ``figures.md`` (what was drawn, what was skipped and why).
+    Returns the paths written (figures.md last)."""
     data = load_run(db_path)
     out = Path(out_dir) if out_dir is not None else data.run_dir / "figures"
     out.mkdir(parents=True, exist_ok=True)
     formats = tuple(formats)
-    written, drawn, skipped = [], [], [FIG3C_NOTE]
+    written, drawn, skipped = [], [], []
     sacc = setting_accuracies(data)
     t8 = table8(data)
     for (mk, dk), g in _groups(data.records):
@@ -404,6 +444,13 @@ def write_figures(db_path, out_dir=None, formats=("png", "pdf"), training_logs=N
             drawn.append(f"Fig. 5, {label}: {files[0].name}")
         else:
             skipped.append(f"{label}: Fig. 5: no (i, lambda) with every Ka setting complete.")
+    files = figure3c(data, out, formats)
+    if files:
+        written += files
+        drawn.append(f"Fig. 3c: {files[0].name} ({FIG3C_ATTACK} records with extra.deviation)")
+    else:
+        skipped.append(f"Fig. 3c: no {FIG3C_ATTACK} records with per-state deviations "
+                       "(extra.deviation; runs made before it was recorded lack it).")
     logs = find_training_logs(data) if training_logs is None else list(training_logs)
     files = plot_training_curves(logs, out, formats) if logs else []
     if files:

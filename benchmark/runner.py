@@ -73,9 +73,14 @@ def _resolve_defense(db: ResultsDB, cfg: RunConfig, model, spec, mkey: str, prog
             got = {"index": chosen.index, "selection": chosen.selection}
             db.set_meta(key, got)
         inner.resolve(got["index"], got["selection"])
-    if isinstance(defense, EntropyReduction) and spec in ("entropy_reduction",):
-        # The Fashion-MNIST threat model: purify within the benchmark eps with steps eps/4.
-        defense.eps, defense.beta = cfg.eps, cfg.eps / 4
+    if isinstance(defense, EntropyReduction):
+        # Purify within the run's eps with steps eps/4 unless the spec sets them (the
+        # constructor's defaults are the reference's CIFAR-10 8/255 and 2/255).
+        given = spec if isinstance(spec, dict) else {}
+        if "eps" not in given:
+            defense.eps = cfg.eps
+        if "beta" not in given:
+            defense.beta = cfg.eps / 4
     return defense
 
 
@@ -104,23 +109,42 @@ def _clean_records(model, defense, x, y, idx):
     return recs
 
 
-def _outcome_records(out, idx, y, setting, state, model=None, defense=None):
+def _outcome_records(out, idx, y, setting, state, model=None, defense=None, x=None):
     """Records of an attack outcome; for DEQs also the per-state entropies H(z[t]) and relative
-    residuals of the (defended) dynamics at the final adversarial examples (Fig. 2, Tables 6-7)."""
-    ent = res = None
+    residuals of the (defended) dynamics at the final adversarial examples (Fig. 2, Tables 6-7)
+    and, given the clean inputs ``x``, the relative deviation ||z~[t] - z[t]|| / ||z[t]|| of the
+    perturbed from the clean dynamics at every state t (``extra.deviation``, Fig. 3c)."""
+    ent = res = dev = None
     if model is not None and getattr(model, "is_deq", False) and len(idx):
         with torch.no_grad():
             rec = model.run(out.x_adv.to(y.device), defense=defense, per_state=True)
+            if x is not None:
+                dev = state_deviation(model.run(x.to(y.device), defense=defense).trajectory,
+                                      rec.trajectory)
         ent, res = rec.entropies, rec.trajectory.rel_trace
     recs = []
     for k, r in enumerate(out.records(idx)):
+        extra = {"broken_by": r["broken_by"]}
+        if dev is not None:
+            extra["deviation"] = [round(float(v), 7) for v in dev[k]]
         recs.append({"setting": setting, "example": r["example"], "label": int(y[k]),
                      "correct": int(r["correct"]), "margin": r["margin"], "state": state,
                      "nfev_nograd": r["nfev_nograd"], "nfev_grad": r["nfev_grad"],
                      "entropies": None if ent is None else ent[:, k].tolist(),
                      "residuals": None if res is None else res[k].tolist(),
-                     "extra": {"broken_by": r["broken_by"]}})
+                     "extra": extra})
     return recs
+
+
+def state_deviation(clean, perturbed) -> torch.Tensor:
+    """(B, T) relative deviation ||z~[t] - z[t]||_2 / ||z[t]||_2 per example and state t = 1..T
+    of two trajectories of the same batch (T = the shorter one's number of states)."""
+    T = min(clean.num_states, perturbed.num_states)
+    if T == 0:
+        return torch.zeros(clean.best.shape[0], 0)
+    z = torch.stack(clean.states[:T], 1).flatten(2).float()      # (B, T, D)
+    zt = torch.stack(perturbed.states[:T], 1).flatten(2).float()
+    return ((zt - z).norm(dim=-1) / z.norm(dim=-1).clamp_min(1e-12)).cpu()
 
 
 def _strongest_setting(db: ResultsDB, mkey, dkey, idx) -> Optional[str]:
@@ -289,14 +313,14 @@ def _run_unit(db, cfg, model, defense, mkey, dkey, attack, opts, x, y, idx, prog
                          random_start=opts.get("random_start", True), seed=seed,
                          batch_size=cfg.batch_size)
         return _outcome_records(out, idx, y, setting_name(sur) if sur else "model", state,
-                                model, defense), out.config
+                                model, defense, x), out.config
     if attack == "grid":
         settings = grid_settings(model.solver.max_iter, kas=opts.get("kas", range(1, 10)),
                                  lams=tuple(opts.get("lams", (0.5, 1.0))),
                                  preset=opts.get("preset", "reference"))
         g = grid_attack(model, defense, x, y, eps, alpha, steps, settings=settings,
                         mode=opts.get("mode", "efficient"), seed=seed, batch_size=cfg.batch_size)
-        recs = _outcome_records(g.worst, idx, y, "worst", state, model, defense)
+        recs = _outcome_records(g.worst, idx, y, "worst", state, model, defense, x)
         for si, name in enumerate(g.settings):
             for k in range(len(idx)):
                 v = int(g.per_setting[si, k])
@@ -309,12 +333,12 @@ def _run_unit(db, cfg, model, defense, mkey, dkey, attack, opts, x, y, idx, prog
         out = autoattack_attack(JudgedModule(model, defense, sur), x, y, eps,
                                 attacks=opts.get("attacks", ("apgd-ce", "apgd-t", "fab-t", "square")),
                                 budget=opts.get("budget"), seed=seed, batch_size=cfg.batch_size)
-        return _outcome_records(out, idx, y, "ensemble", state, model, defense), out.config
+        return _outcome_records(out, idx, y, "ensemble", state, model, defense, x), out.config
     if attack == "adaptive":
         out = adaptive_attacks(model, defense, x, y, eps, alpha, steps, seed=seed,
                                ka=opts.get("ka", 9), lam=opts.get("lam", 0.5),
                                batch_size=cfg.batch_size)
-        return _outcome_records(out, idx, y, "worst", state, model, defense), out.config
+        return _outcome_records(out, idx, y, "worst", state, model, defense, x), out.config
     if attack == "checks":
         return _check_records(db, cfg, model, defense, mkey, dkey, opts, x, y, idx, state, seed)
     if attack == "transfer":

@@ -422,10 +422,26 @@ def table5(src) -> pd.DataFrame:
     if len(out):
         keep = out.groupby("model")[["tf", "r"]].apply(lambda x: len(x.drop_duplicates()) >= 2)
         out = out[out.model.map(keep)].sort_values(["model", "tf", "r"]).reset_index(drop=True)
-    return _finish(out, "Table 5. Entropy reduction (Sec. 3.2) with frequency Tf and R "
-                        "iterations: ALL accuracy (%).", ["clean", "ALL"],
-                   ["ALL: per-example worst case over every attack run on that defense (the "
-                    "paper reports the min over the intermediate attacks)."])
+    out = _finish(out, "Table 5. Entropy reduction (Sec. 3.2) with frequency Tf and R "
+                       "iterations: ALL accuracy (%).", ["clean", "ALL"],
+                  ["ALL: per-example worst case over every attack run on that defense (the "
+                   "paper reports the min over the intermediate attacks)."])
+    if len(out):
+        out.attrs["appendix"] = table5_grid_markdown(out)
+    return out
+
+
+def table5_grid_markdown(t5: pd.DataFrame) -> str:
+    """The paper's layout of Table 5: one row per (model, Tf), one column per R, ALL in %
+    ('-' where that pair was not run)."""
+    rs = sorted(int(r) for r in t5.r.unique())
+    lines = ["Tf x R (ALL, %):", "", "| model | Tf | " + " | ".join(f"R = {r}" for r in rs) + " |",
+             "|---|---:|" + "---:|" * len(rs)]
+    for (mk, tf), g in t5.groupby(["model", "tf"], sort=True):
+        acc = {int(r): a for r, a in zip(g.r, g.ALL)}
+        cells = [f"{100 * acc[r]:.2f}" if r in acc and pd.notna(acc[r]) else "-" for r in rs]
+        lines.append(f"| {mk} | {int(tf)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -692,6 +708,8 @@ def write_tables(db_path, out_dir=None) -> list:
         else:
             notes = df.attrs.get("footnotes", [])
             md = cap + "\n\n" + to_markdown(df) + "\n"
+            if df.attrs.get("appendix"):
+                md += "\n" + df.attrs["appendix"] + "\n"
             if notes:
                 md += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
             csv = f"# {cap}\n" + df.to_csv(index=False)

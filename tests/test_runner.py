@@ -163,8 +163,15 @@ def assert_same_records(a_path, b_path):
     assert len(a) == len(b), (f"{len(a)} vs {len(b)} records; only in one: "
                               f"{set(map(tuple, a[KEY].values)) ^ set(map(tuple, b[KEY].values))}")
     assert not a.duplicated(KEY).any() and not b.duplicated(KEY).any()
-    exact = KEY + ["label", "correct", "state", "nfev_nograd", "nfev_grad", "unit_id", "extra"]
+    exact = KEY + ["label", "correct", "state", "nfev_nograd", "nfev_grad", "unit_id"]
     pd.testing.assert_frame_equal(a[exact], b[exact])
+    for u, v in zip(a.extra, b.extra):     # exactly, but the float deviations within 1e-5
+        u, v = _vec(u), _vec(v)
+        du = (u or {}).pop("deviation", None)
+        dv = (v or {}).pop("deviation", None)
+        assert u == v and (du is None) == (dv is None)
+        if du is not None:
+            np.testing.assert_allclose(du, dv, atol=1e-5, rtol=0)
     np.testing.assert_allclose(a.margin.to_numpy(float), b.margin.to_numpy(float), atol=1e-6,
                                rtol=0)
     for col in ("entropies", "residuals"):
@@ -340,6 +347,19 @@ def test_evaluate_writes_meta_units_records(reference):
     # DEQ clean passes carry per-state entropies and residuals
     clean_deq = recs[(recs.attack == "clean") & recs.model.str.startswith("deq")]
     assert clean_deq.entropies.notna().all() and clean_deq.residuals.notna().all()
+    # DEQ attack outcomes carry the per-state deviation of the perturbed from the clean
+    # dynamics (Fig. 3c): N = 8 states, >= 0. PGD perturbs exactly the clean-correct points
+    # (random start), so their dynamics moved and the others' did not (x_adv = x there)
+    deq = recs[recs.model.str.startswith("deq")]
+    for (dk, attack), g in deq[deq.attack.isin(["pgd", "autoattack"])].groupby(["defense", "attack"]):
+        devs = [_vec(e).get("deviation") for e in g.extra]
+        assert all(isinstance(d, list) and len(d) == 8 for d in devs), attack
+        d = np.array(devs)
+        assert (d >= 0).all(), attack
+        if attack == "pgd":
+            clean = deq[(deq.attack == "clean") & (deq.defense == dk)].set_index("example").correct
+            cc = clean.reindex(g.example).to_numpy() == 1
+            assert cc.any() and (d[cc].max(1) > 1e-4).all() and (d[~cc] == 0).all(), dk
     # the CNN has no grid records; its grid units are committed as skipped
     assert not len(recs[(recs.model == "small_cnn_fashion_mnist") & (recs.attack == "grid")])
     u = _units(path)
@@ -754,3 +774,24 @@ def test_obfuscation_checks_become_records_flags_and_leaderboard_fields(checkpoi
     paths = leaderboard_from_db(res["db"], root=tmp_path / "lb")
     entries = [json.loads(p.read_text()) for p in paths]
     assert all("flags" in e["deq"] and "any" not in e["deq"]["flags"] for e in entries)
+
+
+def test_state_deviation_of_real_trajectories():
+    """||z~[t] - z[t]|| / ||z[t]|| per example and state, checked against the states themselves:
+    0 for the same input, > 0 and equal to the hand computation for a perturbed one."""
+    from benchmark.runner import state_deviation
+    torch.manual_seed(0)
+    model = mz.create("deq_tiny_fashion_mnist", dropout=0.0).eval()
+    x = torch.rand(3, 1, 28, 28)
+    xt = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
+    with torch.no_grad():
+        clean, again, pert = (model.run(v).trajectory for v in (x, x, xt))
+    assert state_deviation(clean, again).abs().max() == 0
+    d = state_deviation(clean, pert)
+    T = min(clean.num_states, pert.num_states)
+    assert d.shape == (3, T) and T == model.solver.max_iter
+    for t in (1, T):
+        z, zt = clean.state(t).flatten(1), pert.state(t).flatten(1)
+        expect = (zt - z).norm(dim=1) / z.norm(dim=1)
+        torch.testing.assert_close(d[:, t - 1], expect)
+    assert (d > 0).all()

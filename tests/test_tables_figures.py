@@ -8,6 +8,7 @@ records. Expected numbers below are worked out by hand from these records.
 """
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -91,9 +92,11 @@ def build_full(path):
         clean = [1, 1, 1, 1, 1, 1, 1, 0]
         _commit(db, "deq_a", "final", "clean", _clean_recs(clean, "final"))
         # final-state entropies under PGD: e0 1.5 (broken), e1..e5 0.7, e6 0.3, e7 0.5 (unattacked)
-        _commit(db, "deq_a", "final", "pgd",
-                _outcome([0, 1, 1, 1, 1, 1, 1, 0], clean, "final", "phantom_final",
-                         final_h=[1.5, 0.7, 0.7, 0.7, 0.7, 0.7, 0.3, 0.5]), wall=4.0)
+        pgd = _outcome([0, 1, 1, 1, 1, 1, 1, 0], clean, "final", "phantom_final",
+                       final_h=[1.5, 0.7, 0.7, 0.7, 0.7, 0.7, 0.3, 0.5])
+        for k, r in enumerate(pgd):   # deviation of example k at state t: 0.01 * t * (k + 1)
+            r["extra"]["deviation"] = [0.01 * t * (k + 1) for t in range(1, N_STATES + 1)]
+        _commit(db, "deq_a", "final", "pgd", pgd, wall=4.0)
         grid = _outcome([1, 0, 0, 1, 1, 1, 1, 0], clean, "final", "worst",
                         final_h=[0.6] * 8, nfev=(300.0, 400.0))
         for i, ka, lam in SETTINGS:
@@ -111,8 +114,10 @@ def build_full(path):
         clean_e = [1, 1, 1, 1, 1, 1, 0, 1]
         _commit(db, "deq_a", "early:select", "clean", _clean_recs(clean_e, "z[3]"))
         adv_h = [[2.0, 1.5, 1.1, 0.6] if c else list(CLEAN_H) for c in clean_e]
-        _commit(db, "deq_a", "early:select", "pgd",
-                _outcome(clean_e, clean_e, "z[3]", "phantom_final", h_list=adv_h))
+        pgd = _outcome(clean_e, clean_e, "z[3]", "phantom_final", h_list=adv_h)
+        for r in pgd:                 # a constant 5 % deviation
+            r["extra"]["deviation"] = [0.05] * N_STATES
+        _commit(db, "deq_a", "early:select", "pgd", pgd)
         grid = _outcome([0, 1, 1, 1, 1, 1, 0, 1], clean_e, "z[3]", "worst", final_h=[0.9] * 8)
         for si, (i, ka, lam) in enumerate(SETTINGS):
             for k, e in enumerate(IDX):
@@ -282,6 +287,50 @@ def test_table4_and_speed(full_run):
     assert g.wall_s == pytest.approx(2.0)
 
 
+def test_deviation_table_fig3c(full_run):
+    d = F.deviation_table(T.load_run(full_run))
+    assert set(d.model) == {"deq_a"} and len(d) == 2 * N_STATES    # the CNN has no states
+    f = d[d.defense == "final"].set_index("t")
+    # mean over k = 0..7 of 0.01 * t * (k + 1) = 0.045 t; median the same; quartiles by numpy
+    for t in range(1, N_STATES + 1):
+        assert f.loc[t, "mean"] == pytest.approx(0.045 * t)
+        assert f.loc[t, "median"] == pytest.approx(0.045 * t)
+        assert f.loc[t, "q25"] < f.loc[t, "median"] < f.loc[t, "q75"]
+        assert f.loc[t, "n"] == 8
+    e = d[d.defense == "early:select"]
+    assert e["mean"].tolist() == pytest.approx([0.05] * N_STATES)
+
+
+def _er(tf, r):
+    return json.dumps({"name": "entropy_reduction", "r": r, "tf": tf}, sort_keys=True)
+
+
+def test_table5_tf_by_r(tmp_path):
+    """Three (Tf, R) settings of the Sec. 3.2 defense on one model: ALL and clean per pair, and
+    the Tf x R grid of the paper's Table 5 in the Markdown file."""
+    # (tf, r) -> (clean correct, broken by PGD) over the 8 examples
+    cases = {(1, 5): ([1] * 8, {0}), (2, 5): ([1] * 7 + [0], {0, 1}), (2, 10): ([1] * 8, set())}
+    with ResultsDB(tmp_path / "results.sqlite") as db:
+        _meta(db, [{"name": "deq_a", "defenses": [json.loads(_er(*k)) for k in cases]}])
+        for (tf, r), (clean, broken) in cases.items():
+            dk = _er(tf, r)
+            _commit(db, "deq_a", dk, "clean", _clean_recs(clean, "final"))
+            adv = [0 if (k in broken or not c) else 1 for k, c in enumerate(clean)]
+            _commit(db, "deq_a", dk, "pgd", _outcome(adv, clean, "final", "phantom_final",
+                                                     final_h=[0.5] * 8))
+        # a model with ONE (tf, r) only: not a Tf x R table
+        _commit(db, "deq_b", _er(2, 10), "clean", _clean_recs([1] * 8, "final"))
+    t = T.table5(tmp_path)
+    assert set(t.model) == {"deq_a"} and len(t) == 3
+    assert [(int(a), int(b)) for a, b in zip(t.tf, t.r)] == [(1, 5), (2, 5), (2, 10)]
+    assert t.ALL.tolist() == pytest.approx([7 / 8, 5 / 8, 1.0])
+    assert t.clean.tolist() == pytest.approx([1.0, 7 / 8, 1.0])
+    T.write_tables(tmp_path, tmp_path / "tables")
+    md = (tmp_path / "tables" / "table5.md").read_text()
+    assert "| deq_a | 1 | 87.50 | - |" in md, md      # Tf = 1 row: R = 5 -> 87.5, R = 10 absent
+    assert "| deq_a | 2 | 62.50 | 100.00 |" in md, md
+
+
 def test_transfer_and_tf_r_absent(full_run):
     assert T.table3(full_run).empty
     assert T.table5(full_run).empty
@@ -316,7 +365,8 @@ def test_write_tables_and_figures(full_run, tmp_path):
     # efficient grid: no per-setting accuracy curve for early:select, noted instead
     assert "fig3a_deq_a__early-select.png" not in names
     notes = (tmp_path / "figs" / "figures.md").read_text()
-    assert "Fig. 3 (c)" in notes and "early:select" in notes
+    assert "Fig. 3c: fig3c_deviation.png" in notes and "early:select" in notes
+    assert "fig3c_deviation.png" in names and "fig3c_deviation.pdf" in names
     import matplotlib.image as mpimg
     for p in figs:
         assert p.stat().st_size > 0
