@@ -93,9 +93,32 @@ def leaderboard_from_db(db_path, root="leaderboards", render_files: bool = True)
                                     + ("; AutoAttack not run on this entry: autoattack_acc is "
                                        "the worst case of the attacks run" if aa_missing else ""))
             paths.append(write_entry(e, root))
+    if paths:
+        prune_stale_entries(paths[0].parent, cfg.get("name"), keep=paths)
     if render_files and paths:
         render(paths[0].parent)
     return paths
+
+
+def prune_stale_entries(folder, run_name, keep) -> list:
+    """Remove the entries of ``folder`` that an earlier version of the run ``run_name`` wrote
+    (their footnote names the run) and that this version no longer has (a model or defense was
+    dropped from the config), so the rendered leaderboard never shows numbers no longer backed
+    by the run's database. Entries of other runs are left alone. Returns the removed paths."""
+    keep = {Path(p).resolve() for p in keep}
+    prefix = f"deqbench run {run_name};"
+    removed = []
+    for p in sorted(Path(folder).glob("*.json")):
+        if p.resolve() in keep:
+            continue
+        try:
+            foot = json.loads(p.read_text()).get("footnote") or ""
+        except (OSError, ValueError):
+            continue
+        if run_name and foot.startswith(prefix):
+            p.unlink()
+            removed.append(p)
+    return removed
 
 
 def _base_name(cfg: dict, key: str) -> str:

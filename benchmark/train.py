@@ -50,8 +50,9 @@ def run_training(cfg: TrainConfig, resume: bool = False, device: Optional[str] =
         overrides["solver"] = {"name": "broyden", **cfg.solver}
     model = model_zoo.create(cfg.model, **overrides)
     if cfg.train.init_from:
-        from model_zoo.registry import _read_state_dict, load_state_dict_checked
-        load_state_dict_checked(model, _read_state_dict(Path(cfg.train.init_from), None),
+        from model_zoo.registry import _read_state_dict, load_state_dict_checked, registered_sha256
+        src = Path(cfg.train.init_from)
+        load_state_dict_checked(model, _read_state_dict(src, registered_sha256(src)),
                                 cfg.train.init_from)
     model = model.to(device)
     if world > 1:

@@ -139,6 +139,17 @@ def save_checkpoint(model: nn.Module, path, meta: Optional[dict] = None) -> str:
     return sha256_file(path)
 
 
+def registered_sha256(path) -> Optional[str]:
+    """The SHA-256 registered for ``path`` when it is a zoo entry's checkpoint file (so that a
+    training run initialised from a shipped model verifies it like ``load`` does), else None."""
+    target = Path(path).resolve()
+    for e in _REGISTRY.values():
+        p = e.checkpoint_path()
+        if p is not None and e.sha256 and p.resolve() == target:
+            return e.sha256
+    return None
+
+
 def _read_state_dict(path: Path, sha256: Optional[str]) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")

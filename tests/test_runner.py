@@ -774,6 +774,19 @@ def test_obfuscation_checks_become_records_flags_and_leaderboard_fields(checkpoi
     paths = leaderboard_from_db(res["db"], root=tmp_path / "lb")
     entries = [json.loads(p.read_text()) for p in paths]
     assert all("flags" in e["deq"] and "any" not in e["deq"]["flags"] for e in entries)
+    # an entry this run wrote earlier (a defense since dropped) is removed on the next write;
+    # another run's entry in the same folder is kept
+    folder = paths[0].parent
+    stale, other = dict(entries[0]), dict(entries[0])
+    stale.update(name="gone+early-3", footnote="deqbench run chk; training: untrained")
+    other.update(name="other_run_model", footnote="deqbench run another; training: x")
+    for e in (stale, other):
+        (folder / f"{e['name']}.json").write_text(json.dumps(e))
+    again = leaderboard_from_db(res["db"], root=tmp_path / "lb")
+    assert sorted(again) == sorted(paths)
+    assert not (folder / "gone+early-3.json").exists() and (folder / "other_run_model.json").exists()
+    assert "other_run_model" in (folder / "leaderboard.md").read_text()
+    assert "gone+early-3" not in (folder / "leaderboard.md").read_text()
 
 
 def test_state_deviation_of_real_trajectories():

@@ -241,3 +241,29 @@ def test_bench_train_counts_and_speedup_fields(tmp_path):
     assert rows[1]["f_evals_per_sample"] <= rows[0]["f_evals_per_sample"]
     assert rows[3]["f_evals_per_sample"] <= rows[2]["f_evals_per_sample"]
     assert rows[1]["speedup_vs_base"] > 0 and rows[0]["speedup_vs_base"] == 1.0
+
+
+def test_init_from_a_registered_checkpoint_is_hash_verified(tmp_path):
+    """``train.init_from`` naming a zoo entry's checkpoint file is verified against the entry's
+    SHA-256 (as ``model_zoo.load`` does); a tampered file is refused before any training."""
+    from model_zoo.registry import CheckpointError, _REGISTRY, registered_sha256, sha256_file
+    model = mz.create("deq_tiny_fashion_mnist", **SMALL)
+    ck = tmp_path / "start.pt"
+    mz.save_checkpoint(model, ck)
+    base = mz.get_entry("deq_tiny_fashion_mnist")
+    entry = mz.register(name="tmp_init_from_entry", factory=base.factory, dataset=base.dataset,
+                        input_shape=base.input_shape, checkpoint=str(ck), sha256=sha256_file(ck))
+    try:
+        assert registered_sha256(ck) == entry.sha256
+        assert registered_sha256(tmp_path / "other.pt") is None
+        s = run_training(_cfg(tmp_path, epochs=1, init_from=str(ck)), progress=False)
+        assert s["history"]
+        with open(ck, "r+b") as f:       # flip one byte near the end
+            f.seek(-20, 2)
+            b = f.read(1)
+            f.seek(-20, 2)
+            f.write(bytes([b[0] ^ 0xFF]))
+        with pytest.raises(CheckpointError, match="SHA-256"):
+            run_training(_cfg(tmp_path / "again", epochs=1, init_from=str(ck)), progress=False)
+    finally:
+        _REGISTRY.pop("tmp_init_from_entry", None)
