@@ -226,6 +226,19 @@ def from_dict(raw: dict, source: Optional[str] = None) -> RunConfig:
     return cfg
 
 
+def defense_text(spec) -> str:
+    """A defense spec as written in 'MODEL@DEFENSE' and stored as the database's defense key:
+    the string itself, or a dict's JSON with sorted keys."""
+    return spec if isinstance(spec, str) else json.dumps(spec, sort_keys=True)
+
+
+def _json_or_none(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
 def parse_source(spec: str, cfg: RunConfig):
     """A transfer source/target 'MODEL@DEFENSE' (or 'DEFENSE' when the run has one model) ->
     (ModelSpec, defense spec), checked against the run's models and their defenses."""
@@ -239,10 +252,13 @@ def parse_source(spec: str, cfg: RunConfig):
         _err("attacks.transfer", f"{spec!r}: write 'MODEL@DEFENSE' when the run has several models")
     for m in cfg.models:
         if m.key == mkey:
-            if dspec not in m.defenses:
-                _err("attacks.transfer", f"{spec!r}: {mkey} is not evaluated with defense "
-                                         f"{dspec!r} (its defenses: {m.defenses})")
-            return m, dspec
+            # a dict defense is written as its JSON (the results database's defense key)
+            for d in m.defenses:
+                if dspec == defense_text(d) or (isinstance(d, dict) and _json_or_none(dspec) == d):
+                    return m, d
+            _err("attacks.transfer", f"{spec!r}: {mkey} is not evaluated with defense "
+                                     f"{dspec!r} (its defenses: "
+                                     f"{[defense_text(d) for d in m.defenses]})")
     _err("attacks.transfer", f"{spec!r}: no model {mkey!r} in this run "
                              f"(models: {[m.key for m in cfg.models]})")
 

@@ -31,14 +31,14 @@ from attacks.surrogates import (JudgedModule, PhantomFinal, UnrolledIntermediate
 from benchmark.data import load_dataset, subset
 from benchmark.provenance import provenance
 from benchmark.results_db import ResultsDB, merge
-from benchmark.run_config import RunConfig, parse_source
+from benchmark.run_config import RunConfig, defense_text, parse_source
 from model_zoo.forward import EarlyState, EntropyReduction, make_defense
 
 __all__ = ["evaluate", "summarize", "db_path", "defense_key"]
 
 
 def defense_key(spec) -> str:
-    return spec if isinstance(spec, str) else json.dumps(spec, sort_keys=True)
+    return defense_text(spec)
 
 
 def db_path(cfg: RunConfig, rank: int = 0, world: int = 1):
@@ -177,7 +177,8 @@ def _surrogate_for(db, model, mkey, dkey, idx, spec):
 
 def _transfer_sources(cfg: RunConfig) -> list:
     opts = cfg.attacks.get("transfer", {})
-    return opts.get("sources") or [f"{m.key}@{d}" for m in cfg.models for d in m.defenses]
+    return opts.get("sources") or [f"{m.key}@{defense_text(d)}" for m in cfg.models
+                                   for d in m.defenses]
 
 
 def _craft_transfer(db, cfg, ms, ds, resolve, opts, x, y, idx) -> list:

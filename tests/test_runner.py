@@ -808,3 +808,25 @@ def test_state_deviation_of_real_trajectories():
         expect = (zt - z).norm(dim=1) / z.norm(dim=1)
         torch.testing.assert_close(d[:, t - 1], expect)
     assert (d > 0).all()
+
+
+def test_transfer_sources_with_a_dict_defense(tmp_path):
+    """A dict defense (e.g. a Tf x R setting of Sec. 3.2) is a transfer source/target written as
+    its JSON key -- the default all-pairs list of a run with such a defense is valid."""
+    from benchmark.run_config import parse_source
+    from benchmark.runner import _transfer_sources
+    er = {"name": "entropy_reduction", "tf": 1, "r": 2}
+    ck = {"deq": "unused.pt", "cnn": "unused.pt"}
+    raw = _raw(ck, tmp_path, attacks={"transfer": {"steps": 2}})
+    raw["models"][0]["defenses"] = ["final", er]
+    cfg = from_dict(raw)
+    srcs = _transfer_sources(cfg)
+    key = 'deq_tiny_fashion_mnist@{"name": "entropy_reduction", "r": 2, "tf": 1}'
+    assert key in srcs and len(srcs) == 3
+    m, d = parse_source(key, cfg)
+    assert m.name == "deq_tiny_fashion_mnist" and d == er
+    m, d = parse_source('deq_tiny_fashion_mnist@{"tf": 1, "r": 2, "name": "entropy_reduction"}', cfg)
+    assert d == er                                   # any key order of the same JSON
+    raw["attacks"]["transfer"]["sources"] = ['deq_tiny_fashion_mnist@{"name": "entropy_reduction"}']
+    with pytest.raises(ConfigError, match="is not evaluated with defense"):
+        from_dict(raw)

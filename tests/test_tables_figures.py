@@ -291,12 +291,13 @@ def test_deviation_table_fig3c(full_run):
     d = F.deviation_table(T.load_run(full_run))
     assert set(d.model) == {"deq_a"} and len(d) == 2 * N_STATES    # the CNN has no states
     f = d[d.defense == "final"].set_index("t")
-    # mean over k = 0..7 of 0.01 * t * (k + 1) = 0.045 t; median the same; quartiles by numpy
+    # clean-correct e0..e6 only (e7 is clean-wrong, never perturbed): the mean over k = 0..6 of
+    # 0.01 * t * (k + 1) = 0.04 t; the median the same; quartiles 0.025 t and 0.055 t
     for t in range(1, N_STATES + 1):
-        assert f.loc[t, "mean"] == pytest.approx(0.045 * t)
-        assert f.loc[t, "median"] == pytest.approx(0.045 * t)
-        assert f.loc[t, "q25"] < f.loc[t, "median"] < f.loc[t, "q75"]
-        assert f.loc[t, "n"] == 8
+        assert f.loc[t, "mean"] == pytest.approx(0.04 * t)
+        assert f.loc[t, "median"] == pytest.approx(0.04 * t)
+        assert (f.loc[t, "q25"], f.loc[t, "q75"]) == pytest.approx((0.025 * t, 0.055 * t))
+        assert f.loc[t, "n"] == 7
     e = d[d.defense == "early:select"]
     assert e["mean"].tolist() == pytest.approx([0.05] * N_STATES)
 
