@@ -55,7 +55,7 @@ demo: setup data
 	$(VENV)/bin/deqbench leaderboard configs/eval/fmnist_zoo_demo.yaml
 	$(VENV)/bin/deqbench tables $(DEMO_RUN)
 	$(VENV)/bin/deqbench figures $(DEMO_RUN)
-	cp $(DEMO_RUN)/figures/fig3a_deq_tiny_fmnist_pgdat_sec33__final.png leaderboards/fashion_mnist-Linf/
+	cp $(DEMO_RUN)/figures/fig3a_deq_tiny_fmnist_trades_sec33__final.png $(DEMO_RUN)/figures/fig3c_deviation.png leaderboards/fashion_mnist-Linf/
 	@echo "leaderboard: leaderboards/fashion_mnist-Linf/leaderboard.{md,csv,html}"
 	@echo "tables and figures: $(DEMO_RUN)/tables/ and $(DEMO_RUN)/figures/"
 

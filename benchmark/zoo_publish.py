@@ -7,7 +7,9 @@ entry into ``model_zoo/checkpoints/zoo.json``, which the registry reads at impor
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -80,10 +82,7 @@ def publish(run_dir, config_path, name: str, notes: str = "") -> dict:
                        + f"{t.epochs} epochs" + (f", initialised from {t.init_from}" if t.init_from else "")),
         },
     }
-    entries = json.loads(ZOO_FILE.read_text()) if ZOO_FILE.is_file() else []
-    entries = [e for e in entries if e["name"] != name] + [entry]
-    ZOO_FILE.write_text(json.dumps(entries, indent=1) + "\n")
-    model_zoo.registry.load_zoo_file(overwrite=True)
+    _update_zoo_file(entry)
     model = model_zoo.load(name)
     entry["extra"]["test_subset"] = evaluate_test_subset(model, base.dataset, t.attack.eps,
                                                          t.attack.alpha)
@@ -97,7 +96,35 @@ def publish(run_dir, config_path, name: str, notes: str = "") -> dict:
         "pgd10_seed": BAR_PGD_SEED, "eps": t.attack.eps, "alpha": t.attack.alpha,
         "forward": "final state (FinalState(), phantom gradient for PGD)"}
     entry["extra"]["test_hardware"] = device_description("cpu")
-    entries = [e for e in entries if e["name"] != name] + [entry]
-    ZOO_FILE.write_text(json.dumps(sorted(entries, key=lambda e: e["name"]), indent=1) + "\n")
-    model_zoo.registry.load_zoo_file(overwrite=True)
+    _update_zoo_file(entry)
     return entry
+
+
+@contextlib.contextmanager
+def _zoo_lock():
+    """An exclusive lock on zoo.json for its read-modify-write, so that publishes running in
+    parallel (one per finished training run) never drop each other's entries."""
+    CHECKPOINT_DIR.mkdir(parents=True, exist_ok=True)
+    with open(CHECKPOINT_DIR / ".zoo.lock", "w") as f:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: publish one run at a time
+            yield
+            return
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _update_zoo_file(entry: dict) -> None:
+    """Insert or replace ``entry`` in zoo.json (re-read under the lock; atomic replace), then
+    re-register the zoo's entries."""
+    with _zoo_lock():
+        entries = json.loads(ZOO_FILE.read_text()) if ZOO_FILE.is_file() else []
+        entries = [e for e in entries if e["name"] != entry["name"]] + [entry]
+        tmp = ZOO_FILE.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(sorted(entries, key=lambda e: e["name"]), indent=1) + "\n")
+        os.replace(tmp, ZOO_FILE)
+    model_zoo.registry.load_zoo_file(overwrite=True)

@@ -267,3 +267,29 @@ def test_init_from_a_registered_checkpoint_is_hash_verified(tmp_path):
             run_training(_cfg(tmp_path / "again", epochs=1, init_from=str(ck)), progress=False)
     finally:
         _REGISTRY.pop("tmp_init_from_entry", None)
+
+
+def test_parallel_zoo_publishes_keep_every_entry(tmp_path, monkeypatch):
+    """zoo.json is read, modified and replaced under an exclusive lock: eight concurrent
+    updates (as from parallel ``deqbench zoo publish`` runs) leave all eight entries."""
+    import json
+    import threading
+    from benchmark import zoo_publish as zp
+    monkeypatch.setattr(zp, "CHECKPOINT_DIR", tmp_path)
+    monkeypatch.setattr(zp, "ZOO_FILE", tmp_path / "zoo.json")
+    monkeypatch.setattr(zp.model_zoo.registry, "load_zoo_file", lambda overwrite=True: None)
+    (tmp_path / "zoo.json").write_text(json.dumps([{"name": "old", "v": 0}]))
+    start = threading.Barrier(8)
+
+    def work(k):
+        start.wait()
+        for v in range(5):
+            zp._update_zoo_file({"name": f"m{k}", "v": v})
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    got = {e["name"]: e["v"] for e in json.loads((tmp_path / "zoo.json").read_text())}
+    assert got == {"old": 0, **{f"m{k}": 4 for k in range(8)}}
