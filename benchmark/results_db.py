@@ -137,7 +137,15 @@ class ResultsDB:
 
 def merge(target, sources: Iterable) -> int:
     """Merge the units and records of shard databases ``sources`` into ``target`` (units already
-    present are skipped). Returns the number of units added."""
+    present are skipped). Returns the number of units added. A missing source is an error
+    (e.g. ranks on several nodes without a shared run folder), never an empty shard."""
+    sources = list(sources)
+    missing = [str(p) for p in sources if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"cannot merge: shard database(s) {', '.join(missing)} not found. Every rank must "
+            "write into the same run folder (a shared filesystem on several nodes), or copy "
+            "the results.rank<R>.sqlite files there and run again to merge.")
     added = 0
     with ResultsDB(target) as dst:
         have = dst.done_units()

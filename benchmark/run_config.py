@@ -59,6 +59,24 @@ class ModelSpec:
     def key(self) -> str:
         return self.label or self.name
 
+    def weights_sha256(self) -> Optional[str]:
+        """SHA-256 of the weights this model is evaluated with: the given checkpoint file, else
+        the zoo entry's registered file (None: an untrained architecture). Part of the run's
+        hash, so a re-trained model published under the same name is never scored from the
+        old model's records."""
+        from model_zoo.registry import get_entry, sha256_file
+        if self.checkpoint:
+            p = Path(self.checkpoint)
+            return sha256_file(p) if p.is_file() else f"missing:{p}"
+        try:
+            e = get_entry(self.name)
+        except KeyError:
+            return None
+        p = e.checkpoint_path()
+        if p is None:
+            return None
+        return e.sha256 or (sha256_file(p) if p.is_file() else f"missing:{p}")
+
 
 @dataclass
 class RunConfig:
@@ -91,11 +109,17 @@ class RunConfig:
                             "label": m.label} for m in self.models],
                 "attacks": self.attacks, "description": self.description}
 
+    def weights(self) -> dict:
+        """Model key -> SHA-256 of its weights (see :meth:`ModelSpec.weights_sha256`)."""
+        return {m.key: m.weights_sha256() for m in self.models}
+
     def hash(self) -> str:
-        """Hash of everything that changes results (not the output folder or device)."""
+        """Hash of everything that changes results: the config (not the output folder, device
+        or batch size) and the weights of every model."""
         d = self.to_dict()
         for k in ("output", "device", "description", "batch_size"):
             d.pop(k)
+        d["weights"] = self.weights()
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

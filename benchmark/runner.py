@@ -397,12 +397,17 @@ def evaluate(cfg: RunConfig, progress: bool = True, rank: Optional[int] = None,
     db = ResultsDB(path)
     old = db.get_meta("config_hash")
     if old is not None and old != cfg.hash():
+        before = db.get_meta("weights") or {}
+        changed = [k for k, v in cfg.weights().items() if k in before and before[k] != v]
         db.close()
-        raise ValueError(f"{path} holds results of a different configuration (hash {old} vs "
-                         f"{cfg.hash()}); give the run a new name or delete {cfg.run_dir}")
+        why = (f"the weights of {', '.join(changed)} changed since it ran (re-trained or "
+               "re-published)" if changed else "a different configuration")
+        raise ValueError(f"{path} holds results of {why} (hash {old} vs {cfg.hash()}); give "
+                         f"the run a new name or delete {cfg.run_dir}")
     if old is None:
         db.set_meta("config", cfg.to_dict())
         db.set_meta("config_hash", cfg.hash())
+        db.set_meta("weights", cfg.weights())
         db.set_meta("config_source", cfg.source)
         db.set_meta("seed", cfg.seed)
         db.set_meta("provenance", provenance(cfg.device))
@@ -487,7 +492,17 @@ def evaluate(cfg: RunConfig, progress: bool = True, rank: Optional[int] = None,
             torch.distributed.barrier()
         if rank == 0:
             out_path = cfg.run_dir / "results.sqlite"
-            merge(out_path, [db_path(cfg, r, world) for r in range(world)])
+            parts = [db_path(cfg, r, world) for r in range(world)]
+            merge(out_path, parts)
+            # complete only if every rank finished its shards (each sets end_time when done)
+            ends = []
+            for p in parts:
+                with ResultsDB(p) as d:
+                    ends.append(d.get_meta("end_time"))
+            complete = all(e is not None for e in ends)
+            if complete:
+                with ResultsDB(out_path) as d:
+                    d.set_meta("end_time", max(ends))
     result = {"db": out_path, "units_run": ran, "complete": complete}
     if rank == 0 and (world == 1 or dist):
         with ResultsDB(out_path) as d:

@@ -445,6 +445,19 @@ def test_rerun_is_a_noop_and_other_config_is_refused(reference, checkpoints, tmp
     assert _query(again["db"], "SELECT COUNT(*) FROM records")[0][0] == n_records
     with ResultsDB(again["db"]) as db:
         assert db.get_meta("config_hash") == cfg.hash()
+        assert db.get_meta("weights") == cfg.weights()
+    # the same config with other weights in the same checkpoint file (a re-trained model):
+    # refused, naming the model whose weights changed
+    ck = Path(checkpoints["cnn"])
+    saved = ck.read_bytes()
+    try:
+        torch.manual_seed(1)
+        mz.save_checkpoint(mz.create("small_cnn_fashion_mnist"), ck)
+        with pytest.raises(ValueError, match="weights of small_cnn_fashion_mnist changed"):
+            evaluate(_cfg(checkpoints, tmp_path), progress=False)
+    finally:
+        ck.write_bytes(saved)
+    assert _query(again["db"], "SELECT COUNT(*) FROM records")[0][0] == n_records
 
 
 # ------------------------------------------------------------------------------------------------
@@ -670,6 +683,12 @@ def test_merge_skips_units_already_present(tmp_path):
     assert merge(t, [a, b]) == 0
     with ResultsDB(t) as db:
         assert db.count("records") == 5 and db.count("units") == 3
+    # a rank's database that is not there (another node, no shared folder) is an error, and
+    # nothing is merged or created
+    gone = tmp_path / "results.rank1.sqlite"
+    with pytest.raises(FileNotFoundError, match="shared filesystem"):
+        merge(t, [a, gone])
+    assert not gone.exists()
 
 
 # ------------------------------------------------------------------------------------------------
