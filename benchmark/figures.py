@@ -14,10 +14,11 @@ Files (``<slug>`` = model and defense; one per (model, defense) with the data):
   is one), clean vs perturbed, the paper's Fig. 2 (c);
 * ``fig3a_<slug>``: per-state accuracy of every (Ka, lambda) grid setting (transparent markers),
   the strongest at each state solid and joined;
+* ``fig3b_sec32_<slug>`` (Sec. 3.2 defenses): the paper's Fig. 3 (b), Delta H(z[t]) = H(z[t])
+  with the entropy reduction minus H(z[t]) without it, on the same PGD-perturbed inputs (box
+  per t) and clean inputs (mean), from ``extra.entropies_undefended``;
 * ``fig3b_<slug>``: distribution per t of Delta H(z[t]) = H(z~[t]) - H(z[t]) (PGD adversarial
-  minus clean). The paper's Fig. 3 (b) shows the entropy change made by the Sec. 3.2 defense; the
-  run stores the entropies of each defense's own adversarial examples, so this is the attack's
-  entropy increase (compare defenses side by side for the defense's effect);
+  minus clean): the entropy increase the attack causes along the dynamics;
 * ``fig5_<slug>``: the strongest per-state accuracy for lambda = 1.0 vs 0.5;
 * ``fig4_training_curves``: training curves from ``log.csv`` files (:func:`plot_training_curves`).
 * ``fig3c_deviation``: the relative deviation ||z~[t] - z[t]|| / ||z[t]|| (in %) of the
@@ -48,7 +49,7 @@ from benchmark.tables import (RunData, _clean, _groups, entropy_pairs, load_run,
                               setting_accuracies, table8)
 
 __all__ = ["write_figures", "plot_training_curves", "figure2a", "figure2b", "figure3a",
-           "figure3b", "figure3c", "deviation_table", "figure5", "find_training_logs", "main"]
+           "figure3b", "figure3b_sec32", "sec32_entropy_change", "figure3c", "deviation_table", "figure5", "find_training_logs", "main"]
 
 FIG3C_ATTACK = "pgd"  # the perturbed inputs of Fig. 3 (c): the ready-made PGD at the final state
 
@@ -205,6 +206,54 @@ def figure3b(data: RunData, model: str, defense: str, g, out_dir: Path, formats)
     fig.suptitle("Fig. 3 (b): entropy change along the dynamics under PGD\n"
                  + data.figure_label(model, defense, len(p)), fontsize=10)
     return _save(fig, out_dir, f"fig3b_{_slug(model, defense)}", formats)
+
+
+def sec32_entropy_change(g, attack: str = "pgd") -> dict:
+    """For one (model, Sec. 3.2 defense) group: per example, Delta H(z[t]) = H(z[t]) with the
+    defense minus H(z[t]) without it (its readout forward) on the SAME inputs, from the records'
+    ``entropies`` and ``extra.entropies_undefended``. ``{'clean': (n, T) array, attack: (n, T)
+    array over the clean-correct examples (the ones the attack perturbed)}``; absent keys
+    where the run has no such records."""
+    out = {}
+    clean_ok = _clean(g)
+    for name, sel in (("clean", g[g.attack == "clean"]), (attack, g[g.attack == attack])):
+        if name != "clean":
+            sel = sel[sel.example.map(clean_ok).fillna(0).astype(int) == 1]
+        pairs = [(h, e["entropies_undefended"]) for h, e in zip(sel.entropies, sel.extra)
+                 if isinstance(h, list) and isinstance(e, dict)
+                 and isinstance(e.get("entropies_undefended"), list)]
+        if not pairs:
+            continue
+        T = min(min(len(a), len(b)) for a, b in pairs)
+        if T:
+            out[name] = np.array([[a[t] - b[t] for t in range(T)] for a, b in pairs], float)
+    return out
+
+
+def figure3b_sec32(data: RunData, model: str, defense: str, g, out_dir: Path, formats) -> list:
+    """The paper's Fig. 3 (b): the entropy change made by the Sec. 3.2 defense along t, on the
+    PGD-perturbed inputs (box per t) and on the clean ones (mean line)."""
+    d = sec32_entropy_change(g)
+    if "pgd" not in d and "clean" not in d:
+        return []
+    fig, (ax,) = _new_figure(7.0, 4.5)
+    if "pgd" in d:
+        T = d["pgd"].shape[1]
+        ax.boxplot([d["pgd"][:, t] for t in range(T)], positions=list(range(1, T + 1)))
+        ax.plot(range(1, T + 1), d["pgd"].mean(0), "o-", color="tab:red",
+                label=f"PGD-perturbed inputs (mean, n={len(d['pgd'])})")
+    if "clean" in d:
+        T = d["clean"].shape[1]
+        ax.plot(range(1, T + 1), d["clean"].mean(0), "s--", color="tab:blue",
+                label=f"clean inputs (mean, n={len(d['clean'])})")
+    ax.axhline(0, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("state t")
+    ax.set_ylabel(r"$\Delta H(z[t])$ = H with Sec. 3.2 $-$ H without")
+    ax.legend(fontsize=8)
+    n = len(d["pgd"]) if "pgd" in d else len(d["clean"])
+    fig.suptitle("Fig. 3 (b): entropy reduction by Sec. 3.2 along the dynamics\n"
+                 + data.figure_label(model, defense, n), fontsize=10)
+    return _save(fig, out_dir, f"fig3b_sec32_{_slug(model, defense)}", formats)
 
 
 def deviation_table(data: RunData, attack: str = FIG3C_ATTACK) -> "pd.DataFrame":
@@ -425,6 +474,10 @@ def write_figures(db_path, out_dir=None, formats=("png", "pdf"), training_logs=N
             files = fn(data, mk, dk, g, out, formats)
             written += files
             drawn += [f"{name}, {label}: {files[0].name}"] if files else []
+        if sec32_entropy_change(g):
+            files = figure3b_sec32(data, mk, dk, g, out, formats)
+            written += files
+            drawn += [f"Fig. 3b (Sec. 3.2 effect), {label}: {files[0].name}"] if files else []
         s = sacc[(sacc.model == mk) & (sacc.defense == dk)]
         t = t8[(t8.model == mk) & (t8.defense == dk)]
         if s.empty:

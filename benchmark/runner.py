@@ -91,6 +91,7 @@ def _clean_records(model, defense, x, y, idx):
             rec = model.run(x, defense=defense, per_state=True)
             logits = rec.logits
             ent = rec.entropies
+            und = _undefended_entropies(model, defense, x)
             for k in range(len(y)):
                 recs.append({"setting": "-", "example": idx[k], "label": int(y[k]),
                              "correct": int(logits[k].argmax() == y[k]),
@@ -98,7 +99,9 @@ def _clean_records(model, defense, x, y, idx):
                              "state": rec.readout, "entropies": ent[:, k].tolist(),
                              "residuals": rec.trajectory.rel_trace[k].tolist(),
                              "nfev_nograd": float(rec.nfev_nograd[k]),
-                             "nfev_grad": float(rec.nfev_grad[k])})
+                             "nfev_grad": float(rec.nfev_grad[k]),
+                             "extra": None if und is None else
+                             {"entropies_undefended": und[:, k].tolist()}})
         else:
             logits = model(x)
             m = reported_margin(logits.float(), y)
@@ -107,6 +110,16 @@ def _clean_records(model, defense, x, y, idx):
                              "correct": int(logits[k].argmax() == y[k]), "margin": float(m[k]),
                              "state": "output", "nfev_nograd": 0.0, "nfev_grad": 0.0})
     return recs
+
+
+def _undefended_entropies(model, defense, x):
+    """For the Sec. 3.2 test-time defense: H(z[t]) (N, B) of the same model WITHOUT it (its
+    readout forward) on the same inputs -- the paper's Fig. 3 (b) compares the two. None for
+    every other forward."""
+    if not isinstance(defense, EntropyReduction):
+        return None
+    with torch.no_grad():
+        return model.run(x, defense=defense.inner, per_state=True).entropies
 
 
 def _outcome_records(out, idx, y, setting, state, model=None, defense=None, x=None):
@@ -122,11 +135,16 @@ def _outcome_records(out, idx, y, setting, state, model=None, defense=None, x=No
                 dev = state_deviation(model.run(x.to(y.device), defense=defense).trajectory,
                                       rec.trajectory)
         ent, res = rec.entropies, rec.trajectory.rel_trace
+        und = _undefended_entropies(model, defense, out.x_adv.to(y.device))
+    else:
+        und = None
     recs = []
     for k, r in enumerate(out.records(idx)):
         extra = {"broken_by": r["broken_by"]}
         if dev is not None:
             extra["deviation"] = [round(float(v), 7) for v in dev[k]]
+        if und is not None:
+            extra["entropies_undefended"] = und[:, k].tolist()
         recs.append({"setting": setting, "example": r["example"], "label": int(y[k]),
                      "correct": int(r["correct"]), "margin": r["margin"], "state": state,
                      "nfev_nograd": r["nfev_nograd"], "nfev_grad": r["nfev_grad"],

@@ -302,6 +302,32 @@ def test_deviation_table_fig3c(full_run):
     assert e["mean"].tolist() == pytest.approx([0.05] * N_STATES)
 
 
+def test_fig3b_sec32_entropy_change(tmp_path):
+    """Delta H(z[t]) = H with Sec. 3.2 - H without, on the same inputs, from the records'
+    ``extra.entropies_undefended`` (clean records and the PGD records of clean-correct points)."""
+    clean = [1, 1, 1, 1, 1, 1, 0, 0]
+    with ResultsDB(tmp_path / "results.sqlite") as db:
+        _meta(db, [{"name": "deq_a", "defenses": ["entropy_reduction"]}])
+        c = _clean_recs(clean, "final")
+        for k, r in enumerate(c):       # clean: the defense lowers every H(z[t]) by 0.1
+            r["extra"] = {"entropies_undefended": [h + 0.1 for h in CLEAN_H]}
+        _commit(db, "deq_a", "entropy_reduction", "clean", c)
+        p = _outcome(clean, clean, "final", "phantom_final", h_list=[list(CLEAN_H)] * 8)
+        for k, r in enumerate(p):       # perturbed: by 0.1 * t * (k + 1)
+            r["extra"]["entropies_undefended"] = [h + 0.1 * t * (k + 1)
+                                                  for t, h in enumerate(CLEAN_H, 1)]
+        _commit(db, "deq_a", "entropy_reduction", "pgd", p)
+    data = T.load_run(tmp_path)
+    g = data.records
+    d = F.sec32_entropy_change(g)
+    assert d["clean"].shape == (8, N_STATES) and d["clean"] == pytest.approx(-0.1)
+    assert d["pgd"].shape == (6, N_STATES)                 # clean-correct e0..e5 only
+    # mean over k = 0..5 of -0.1 t (k + 1) = -0.35 t
+    assert d["pgd"].mean(0) == pytest.approx([-0.35 * t for t in range(1, N_STATES + 1)])
+    files = F.write_figures(tmp_path, tmp_path / "figs", formats=("png",), training_logs=[])
+    assert "fig3b_sec32_deq_a__entropy_reduction.png" in {f.name for f in files}
+
+
 def _er(tf, r):
     return json.dumps({"name": "entropy_reduction", "r": r, "tf": tf}, sort_keys=True)
 
