@@ -74,6 +74,9 @@ def leaderboard_from_db(db_path, root="leaderboards", render_files: bool = True)
             if aa_missing:
                 deq["budget"]["level"] = "reduced"
                 deq["budget"]["knobs"]["autoattack"] = "not run (autoattack_acc = ALL)"
+            params = _defense_params(db, r["model"], r["defense"])
+            if params is not None:
+                deq["defense_params"] = params
             grid = r.get("grid")
             if grid is not None and grid == grid:  # NaN: the grid did not run on this pair
                 deq["grid_worst_case_acc"] = float(grid)
@@ -119,6 +122,18 @@ def prune_stale_entries(folder, run_name, keep) -> list:
             p.unlink()
             removed.append(p)
     return removed
+
+
+def _defense_params(db: ResultsDB, model: str, defense: str):
+    """The reported forward's resolved parameters as stored with the attack units (e.g. the
+    early state chosen on validation data, the entropy reduction's eps/beta/R/Tf), without its
+    name; None for a non-DEQ (no defense object)."""
+    for (conf,) in db.conn.execute("SELECT config FROM units WHERE model = ? AND defense = ? "
+                                   "ORDER BY unit_id", (model, defense)):
+        d = json.loads(conf or "{}").get("defense")
+        if isinstance(d, dict):
+            return {k: v for k, v in d.items() if k != "name"}
+    return None
 
 
 def _base_name(cfg: dict, key: str) -> str:

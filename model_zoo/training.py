@@ -285,6 +285,13 @@ class Trainer:
         self._stop = True
 
     # -- the loop ----------------------------------------------------------------------------------
+    def _f_total(self) -> float:
+        """f_theta evaluations so far (with and without graph; 0 for non-DEQs)."""
+        if not self.is_deq:
+            return 0.0
+        f = self.model.f_evals.snapshot()
+        return float(f["nograd"] + f["grad"])
+
     def fit(self, resume: bool = False, stop_after: Optional[int] = None) -> dict:
         """Train; returns a summary. ``resume`` continues from ``out_dir/last.pt``.
         ``stop_after``: simulate an interruption after that many optimizer steps (tests)."""
@@ -318,10 +325,13 @@ class Trainer:
                 if step >= max_steps:
                     break
                 t_ep = time.perf_counter()
-                f0 = self.model.f_evals.snapshot() if self.is_deq else None
+                f0 = self._f_total()
+                ep_before = 0.0  # seconds of this epoch spent before an interruption
                 loss_sum = correct = seen = pre_steps = 0
                 if skip and resume_stats is not None:  # the interrupted epoch's running stats
-                    loss_sum, correct, seen, pre_steps = resume_stats
+                    loss_sum, correct, seen, pre_steps = resume_stats[:4]
+                    if len(resume_stats) >= 6:   # f-evals at the epoch's start, time so far
+                        f0, ep_before = resume_stats[4], resume_stats[5]
                 bar = tqdm(total=self.steps_per_epoch, initial=skip, disable=not self.progress,
                            desc=f"{cfg.name} epoch {epoch + 1}/{t.epochs}", leave=False)
                 for b, (x, y) in enumerate(self.loader_for_epoch(epoch)):
@@ -342,7 +352,8 @@ class Trainer:
                     if (stopping or periodic) and self.rank == 0:
                         wall = wall0 + time.perf_counter() - t_start
                         st = self._state(epoch, b + 1, step, best, history, wall)
-                        st["epoch_stats"] = [loss_sum, correct, seen, pre_steps]
+                        st["epoch_stats"] = [loss_sum, correct, seen, pre_steps, f0,
+                                             ep_before + time.perf_counter() - t_ep]
                         _atomic_save(st, last)
                         last_save = time.perf_counter()
                     if stopping:
@@ -355,12 +366,14 @@ class Trainer:
                 row = {"epoch": epoch + 1, "step": step, "lr": self.sched.get_last_lr()[0],
                        "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
                        "pretraining_steps": pre_steps}
+                # f-evals of the training steps only (the validation attack below is not
+                # training cost), over every sample of the epoch, interrupted or not
+                f1 = self._f_total()
                 if self.rank == 0:
                     row.update(self.validate())
-                row["epoch_s"] = time.perf_counter() - t_ep
+                row["epoch_s"] = ep_before + time.perf_counter() - t_ep
                 if self.is_deq:
-                    f1 = self.model.f_evals.snapshot()
-                    row["f_evals_per_train_sample"] = ((f1["nograd"] + f1["grad"]) - (f0["nograd"] + f0["grad"])) / max(seen, 1)
+                    row["f_evals_per_train_sample"] = (f1 - f0) / max(seen, 1)
                 history.append(row)
                 if self.rank == 0:
                     # Selection: PGD-10 accuracy (ties: clean) for adversarial training; clean

@@ -793,6 +793,10 @@ def test_obfuscation_checks_become_records_flags_and_leaderboard_fields(checkpoi
     paths = leaderboard_from_db(res["db"], root=tmp_path / "lb")
     entries = [json.loads(p.read_text()) for p in paths]
     assert all("flags" in e["deq"] and "any" not in e["deq"]["flags"] for e in entries)
+    deq_entry = next(e for e in entries if e["name"] == "deq_tiny_fashion_mnist")
+    assert deq_entry["deq"]["defense_params"] == {"steps": 9, "lam": 0.5, "first_full": True,
+                                                  "from_state": "best"}
+    assert "defense_params" not in next(e for e in entries if e["name"].startswith("small_cnn"))["deq"]
     # an entry this run wrote earlier (a defense since dropped) is removed on the next write;
     # another run's entry in the same folder is kept
     folder = paths[0].parent

@@ -160,6 +160,12 @@ def test_resume_equals_uninterrupted(tmp_path):
     la = (tmp_path / "a" / "t" / "log.csv").read_text().splitlines()
     lb = (tmp_path / "b" / "t" / "log.csv").read_text().splitlines()
     assert [l.split(",")[:8] for l in la] == [l.split(",")[:8] for l in lb]
+    # the f-evaluations per training sample count every step of the interrupted epoch (and
+    # not the validation attack): equal to the uninterrupted run's
+    import pandas as pd
+    fa = pd.read_csv(tmp_path / "a" / "t" / "log.csv").f_evals_per_train_sample
+    fb = pd.read_csv(tmp_path / "b" / "t" / "log.csv").f_evals_per_train_sample
+    assert fa.tolist() == fb.tolist() and (fa > 0).all()
 
 
 def test_periodic_checkpoint_survives_a_crash(tmp_path, monkeypatch):
