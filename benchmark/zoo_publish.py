@@ -74,6 +74,8 @@ def publish(run_dir, config_path, name: str, notes: str = "") -> dict:
             "log": log.name, "epochs": t.epochs, "steps": summary["steps"],
             "train_samples": summary["train_samples"],
             "train_subset": cfg.data.train_subset, "init_from": t.init_from,
+            "requires": _prerequisite(t.init_from),
+            "val_n": summary.get("val_samples"),
             "selection": summary["best"], "wall_s": summary["wall_s"],
             "samples_per_s": summary["samples_per_s"],
             "hardware": summary["provenance"]["device"],
@@ -98,6 +100,19 @@ def publish(run_dir, config_path, name: str, notes: str = "") -> dict:
     entry["extra"]["test_hardware"] = device_description("cpu")
     _update_zoo_file(entry)
     return entry
+
+
+def _prerequisite(init_from) -> str:
+    """What must exist before ``deqbench train CONFIG`` reproduces an entry: nothing, a shipped
+    zoo checkpoint, or another training run (its command)."""
+    if not init_from:
+        return "-"
+    p = Path(init_from)
+    if p.parent.resolve() == CHECKPOINT_DIR.resolve():
+        return f"the shipped checkpoint model_zoo/checkpoints/{p.name} (committed)"
+    if len(p.parts) >= 2 and p.parts[-1] in ("best.pt", "last.pt"):
+        return f"deqbench train configs/train/{p.parts[-2]}.yaml (writes {init_from})"
+    return f"the checkpoint {init_from}"
 
 
 @contextlib.contextmanager
