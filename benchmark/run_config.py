@@ -163,6 +163,8 @@ def from_dict(raw: dict, source: Optional[str] = None) -> RunConfig:
     data.setdefault("val_seed", 0)
     for k in ("n", "val_n"):
         _int(data, k, 1, "data.")
+    for k in ("seed", "val_seed"):
+        _int(data, k, 0, "data.")
     cfg.data = data
     threat = dict(raw.get("threat") or {})
     if set(threat) - {"norm", "eps"}:
@@ -209,6 +211,9 @@ def from_dict(raw: dict, source: Optional[str] = None) -> RunConfig:
             _err(f"models[{i}]", f"duplicate model {spec.key!r} (give one a 'label')")
         seen.add(spec.key)
         cfg.models.append(spec)
+    if data.get("dataset") and len(datasets) == 1 and data["dataset"] not in datasets:
+        _err("data.dataset", f"{data['dataset']!r} does not match the models' dataset "
+                             f"{next(iter(datasets))!r}")
     data.setdefault("dataset", datasets.pop() if len(datasets) == 1 else None)
     if not data["dataset"]:
         _err("data.dataset", "required when the models come from different datasets")
@@ -226,6 +231,7 @@ def from_dict(raw: dict, source: Optional[str] = None) -> RunConfig:
             _int(opts, "steps", 1, f"attacks.{name}.")
         if "alpha" in opts and (not isinstance(opts["alpha"], (int, float)) or opts["alpha"] <= 0):
             _err(f"attacks.{name}.alpha", f"must be > 0, got {opts['alpha']!r}")
+        _check_common(name, opts)
         if name == "grid":
             if opts.get("mode", "efficient") not in ("efficient", "full", "naive"):
                 _err("attacks.grid.mode", f"must be efficient, full or naive, got {opts['mode']!r}")
@@ -240,14 +246,41 @@ def from_dict(raw: dict, source: Optional[str] = None) -> RunConfig:
             for a in opts.get("attacks", []):
                 if a not in AUTOATTACK_NAMES:
                     _err("attacks.autoattack.attacks", f"unknown attack {a!r} (known: {list(AUTOATTACK_NAMES)})")
-            for k in (opts.get("budget") or {}):
+            for k, v in (opts.get("budget") or {}).items():
                 if k not in AA_STANDARD_BUDGET:
                     _err(f"attacks.autoattack.budget.{k}", f"unknown knob (known: {sorted(AA_STANDARD_BUDGET)})")
+                _int({k: v}, k, 1, "attacks.autoattack.budget.")
         if name == "transfer":
             _check_transfer(cfg, opts)
         attacks[name] = opts
     cfg.attacks = attacks
     return cfg
+
+
+def _check_common(name: str, opts: dict) -> None:
+    """Options several attacks share: surrogates, presets, flags, counts and ranges."""
+    path = f"attacks.{name}."
+    if "surrogate" in opts:
+        sp = opts["surrogate"]
+        if not (sp == "strongest" and name != "pgd"):
+            from attacks.surrogates import make_surrogate
+            try:
+                make_surrogate(sp)
+            except (ValueError, TypeError) as e:
+                hint = "" if name == "pgd" else " (or 'strongest': the strongest grid setting)"
+                _err(f"{path}surrogate", f"{e}{hint}")
+    for k in ("on_test_time_defenses", "random_start"):
+        if k in opts and not isinstance(opts[k], bool):
+            _err(f"{path}{k}", f"must be true or false, got {opts[k]!r}")
+    if "preset" in opts and opts["preset"] not in ("reference", "paper"):
+        _err(f"{path}preset", f"must be 'reference' or 'paper', got {opts['preset']!r}")
+    for k in ("ka", "square_queries"):
+        if k in opts:
+            _int(opts, k, 1, path)
+    for k in ("lam", "large_eps"):
+        if k in opts and (isinstance(opts[k], bool) or not isinstance(opts[k], (int, float))
+                          or not 0 < opts[k] <= 1):
+            _err(f"{path}{k}", f"must be a number in (0, 1], got {opts[k]!r}")
 
 
 def defense_text(spec) -> str:

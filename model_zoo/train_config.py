@@ -85,6 +85,9 @@ class TrainConfig:
         cfg.validate()
         return cfg
 
+    def _validate_model(self) -> None:
+        _validate_model_impl(self)
+
     def validate(self) -> None:
         t, a, j, dt = self.train, self.train.attack, self.train.jacobian, self.data
         _choice("train.method", t.method, ("standard", "pgd_at", "trades"))
@@ -107,6 +110,8 @@ class TrainConfig:
         _range("train.jacobian.weight", j.weight, 0, None)
         _range("train.jacobian.freq", j.freq, 0, 1)
         _positive_int("train.jacobian.vecs", j.vecs)
+        if j.stop_epoch is not None:
+            _positive_int("train.jacobian.stop_epoch", j.stop_epoch)
         _range("train.jacobian.rand_thres_delta", j.rand_thres_delta, 0, None)
         if t.max_steps is not None:
             _positive_int("train.max_steps", t.max_steps)
@@ -118,8 +123,33 @@ class TrainConfig:
             raise ConfigError("train.random_states (Sec. 3.3) uses the phantom unroll; "
                               "set train.gradient: phantom")
         _range("seed", self.seed, 0, None)
+        self._validate_model()
         if not str(self.device).startswith(("cpu", "cuda")):
             raise ConfigError(f"device must be 'cpu' or 'cuda[:k]', got {self.device!r}")
+
+
+def _validate_model_impl(cfg) -> None:
+    """``model`` must be registered, and ``model_overrides`` / ``solver`` must build it: a
+    typo is a config error naming the key, not a traceback from deep inside the factory."""
+    import model_zoo
+    try:
+        model_zoo.get_entry(cfg.model)
+    except KeyError as e:
+        raise ConfigError(f"model: {e.args[0] if e.args else e}") from None
+    if cfg.solver is not None and not isinstance(cfg.solver, dict):
+        raise ConfigError(f"solver must be a mapping (e.g. {{max_iter: 8}}), got {cfg.solver!r}")
+    if not isinstance(cfg.model_overrides, dict):
+        raise ConfigError(f"model_overrides must be a mapping, got {cfg.model_overrides!r}")
+    overrides = dict(cfg.model_overrides)
+    if cfg.solver:
+        overrides["solver"] = {"name": "broyden", **cfg.solver}
+    if not overrides:
+        return
+    try:
+        model_zoo.create(cfg.model, **overrides)
+    except (TypeError, ValueError, KeyError) as e:
+        key = "solver" if cfg.solver and "solver" in str(e).lower() else "model_overrides"
+        raise ConfigError(f"{key}: cannot build {cfg.model!r} with {overrides}: {e}") from None
 
 
 def _build(cls, d, prefix):

@@ -124,6 +124,14 @@ def test_config_errors_are_clear(tmp_path):
         TrainConfig.from_dict({"train": {"batch_size": "128"}})
     with pytest.raises(ConfigError, match="random_states.*phantom"):
         TrainConfig.from_dict({"train": {"random_states": "paper", "gradient": "implicit"}})
+    with pytest.raises(ConfigError, match="model: unknown model 'deq_tny'"):
+        TrainConfig.from_dict({"model": "deq_tny"})
+    with pytest.raises(ConfigError, match="model_overrides: cannot build 'deq_tiny_fashion_mnist'"):
+        TrainConfig.from_dict({"model_overrides": {"chanels": [8, 8]}})
+    with pytest.raises(ConfigError, match="solver must be a mapping"):
+        TrainConfig.from_dict({"solver": 8})
+    with pytest.raises(ConfigError, match="train.jacobian.stop_epoch must be a positive integer"):
+        TrainConfig.from_dict({"train": {"jacobian": {"stop_epoch": 0}}})
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
