@@ -59,8 +59,12 @@ demo: setup data
 	@echo "leaderboard: leaderboards/fashion_mnist-Linf/leaderboard.{md,csv,html}"
 	@echo "tables and figures: $(DEMO_RUN)/tables/ and $(DEMO_RUN)/figures/"
 
-bench: setup
-	$(VENV)/bin/deqbench bench forward --model deq_tiny_fashion_mnist --output runs/bench/forward.json
+# Speed (the paper's Tables 9-10) on this machine, into the demo run's bench/ folder, where
+# `deqbench tables` reads them: training samples/s with and without Sec. 3.3, inference over Tf x R.
+bench: setup data
+	$(VENV)/bin/deqbench bench train --config configs/train/fmnist_deq_tiny_pgdat.yaml --output $(DEMO_RUN)/bench/train.json
+	$(VENV)/bin/deqbench bench forward --model deq_tiny_fmnist_trades_sec33 --output $(DEMO_RUN)/bench/forward.json
+	@if [ -f $(DEMO_RUN)/results.sqlite ]; then $(VENV)/bin/deqbench tables $(DEMO_RUN); fi
 
 # Re-train and re-publish the shipped Fashion-MNIST zoo (hours on a 2-core CPU; see README).
 # fmnist_deq_tiny_standard (3 clean epochs) is not published itself: it is the start of the

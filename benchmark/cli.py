@@ -241,12 +241,15 @@ def cmd_leaderboard(args):
 
 def cmd_tables(args):
     from benchmark.tables import main as tables_main
-    return tables_main([args.run] + (["--out", args.out] if args.out else []))
+    return tables_main([args.run] + (["--out", args.out] if args.out else [])
+                       + (["--bench", args.bench] if args.bench else []))
 
 
 def cmd_figures(args):
     from benchmark.figures import main as figures_main
-    return figures_main([args.run] + (["--out", args.out] if args.out else []))
+    return figures_main([args.run] + (["--out", args.out] if args.out else [])
+                        + (["--formats", args.formats] if args.formats else [])
+                        + [a for p in (args.train_log or []) for a in ("--train-log", p)])
 
 
 def cmd_train(args):
@@ -357,10 +360,15 @@ def build_parser() -> argparse.ArgumentParser:
     tb = sub.add_parser("tables", help="the paper's tables of a run (Markdown + CSV), from its database")
     tb.add_argument("run", help="run folder (with results.sqlite) or the .sqlite file")
     tb.add_argument("--out", default=None)
+    tb.add_argument("--bench", default=None, help="folder of `deqbench bench train|forward "
+                    "--output` JSON files for Tables 9-10 (default: RUN/bench)")
     tb.set_defaults(func=cmd_tables)
     fg = sub.add_parser("figures", help="the paper's figures of a run (PNG + PDF), from its database")
     fg.add_argument("run", help="run folder (with results.sqlite) or the .sqlite file")
     fg.add_argument("--out", default=None)
+    fg.add_argument("--formats", default=None, help="comma-separated (default png,pdf)")
+    fg.add_argument("--train-log", action="append", default=None,
+                    help="training log.csv for Fig. 4 (repeatable; default: found from the run)")
     fg.set_defaults(func=cmd_figures)
 
     at = sub.add_parser("attack", help="attack one model/defense; per-example records (JSON)")

@@ -652,6 +652,67 @@ def table9_10(src) -> pd.DataFrame:
                     "solver's f-evals with graph, not as 2F)."])
 
 
+def _bench_file(bench_dir, kind: str) -> Optional[dict]:
+    """The newest ``deqbench bench KIND --output`` JSON in ``bench_dir`` whose content is of
+    that kind (train: rows with 'method'; forward: rows with 'tf'), else None."""
+    if bench_dir is None or not Path(bench_dir).is_dir():
+        return None
+    key = {"train": "method", "forward": "tf"}[kind]
+    for p in sorted(Path(bench_dir).glob("*.json"), key=lambda q: q.stat().st_mtime, reverse=True):
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        rows = d.get("rows") if isinstance(d, dict) else None
+        if rows and isinstance(rows, list) and isinstance(rows[0], dict) and key in rows[0]:
+            return dict(d, path=str(p))
+    return None
+
+
+def table9(bench_dir) -> pd.DataFrame:
+    """Table 9 (training speed, samples/s) of PGD-AT and TRADES without and with Sec. 3.3, from
+    a ``deqbench bench train --output`` file (interleaved timing on one machine, so the
+    speed-ups are ratios measured in one run)."""
+    d = _bench_file(bench_dir, "train")
+    cols = ["method", "sec33", "samples_per_s", "f_evals_per_sample", "speedup_vs_base"]
+    if d is None:
+        return _finish(pd.DataFrame(columns=cols), "Table 9. Training speed (samples/s).")
+    out = pd.DataFrame([{c: r.get(c) for c in cols} for r in d["rows"]], columns=cols)
+    prov = d.get("provenance") or {}
+    model = (d.get("config") or {}).get("model")
+    return _finish(out, "Table 9. Training speed (samples/s), vanilla vs + Sec. 3.3.", [],
+                   [f"{d['path']}: model {model}, device {prov.get('device', '?')}, "
+                    f"commit {prov.get('git_commit', '?')}.",
+                    "Paper (DEQ-Large, CIFAR-10, RTX 3090): PGD-AT 30.2 -> 39.9 (1.32x), "
+                    "TRADES 24.0 -> 30.6 (1.28x)."])
+
+
+def table10(bench_dir) -> pd.DataFrame:
+    """Table 10 (inference speed, samples/s) of the Sec. 3.2 defense over Tf x R (R = 0: the
+    plain forward), from a ``deqbench bench forward --output`` file."""
+    d = _bench_file(bench_dir, "forward")
+    cols = ["tf", "r", "samples_per_s", "time_ratio", "f_evals_per_sample"]
+    if d is None:
+        return _finish(pd.DataFrame(columns=cols), "Table 10. Inference speed (samples/s).")
+    rows = [{"tf": r["tf"], "r": r["r"], "samples_per_s": r["samples_per_s"],
+             "time_ratio": r["ratio"], "f_evals_per_sample": r["f_nograd"] + r["f_grad"]}
+            for r in d["rows"] if r["defense"] != "plain"]
+    out = pd.DataFrame(rows, columns=cols).sort_values(["tf", "r"]).reset_index(drop=True)
+    prov = d.get("provenance") or {}
+    out = _finish(out, "Table 10. Inference speed (samples/s) of Sec. 3.2 over Tf x R.", [],
+                  [f"{d['path']}: model {d.get('model')}, batch {d.get('batch_size')}, preset "
+                   f"{d.get('preset')}, device {prov.get('device', '?')}; time_ratio: defended "
+                   "/ plain forward timed next to it."])
+    rs = sorted({int(r) for r in out.r})
+    lines = ["Tf x R (samples/s):", "", "| Tf | " + " | ".join(f"R = {r}" for r in rs) + " |",
+             "|---:|" + "---:|" * len(rs)]
+    for tf, g in out.groupby("tf", sort=True):
+        v = {int(r): x for r, x in zip(g.r, g.samples_per_s)}
+        lines.append(f"| {int(tf)} | " + " | ".join(f"{v[r]:.1f}" if r in v else "-" for r in rs) + " |")
+    out.attrs["appendix"] = "\n".join(lines)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------
@@ -690,19 +751,28 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def write_tables(db_path, out_dir=None) -> list:
+def write_tables(db_path, out_dir=None, bench_dir=None) -> list:
     """Write every table as ``<name>.md`` and ``<name>.csv`` into ``out_dir`` (default:
     ``RUN_DIR/tables``); returns the paths written. Tables without data (e.g. Table 3 or 5)
-    still get both files, saying "not in this run"."""
+    still get both files, saying "not in this run". Tables 9 and 10 (training / inference
+    speed) come from ``deqbench bench train|forward --output`` files in ``bench_dir`` (default:
+    ``RUN_DIR/bench``); ``table9_10`` is the run's own attack cost per example."""
     data = load_run(db_path)
     out = Path(out_dir) if out_dir is not None else data.run_dir / "tables"
     out.mkdir(parents=True, exist_ok=True)
+    bench_dir = Path(bench_dir) if bench_dir is not None else data.run_dir / "bench"
     written = []
-    for name, fn in TABLES.items():
+    tables = dict(TABLES, table9=lambda _d: table9(bench_dir), table10=lambda _d: table10(bench_dir))
+    for name, fn in tables.items():
         df = fn(data)
         title = df.attrs.get("title") or fn.__doc__.strip().splitlines()[0]
         cap = data.caption(title)
-        if df.empty:
+        if df.empty and name in ("table9", "table10"):
+            cmd = "train --config CONFIG" if name == "table9" else "forward --model NAME"
+            md = (f"{cap}\n\nNo data: no `deqbench bench {cmd} --output {bench_dir}/"
+                  f"{'train' if name == 'table9' else 'forward'}.json` result in {bench_dir}.\n")
+            csv = f"# {cap}\n# not in this run\n"
+        elif df.empty:
             md = f"{cap}\n\nNo data: not in this run (the database holds no records for this table).\n"
             csv = f"# {cap}\n# not in this run\n"
         else:
@@ -723,9 +793,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  description="Write the paper's tables of a run (Markdown + CSV).")
     ap.add_argument("run", help="run folder holding results.sqlite, or the .sqlite file")
     ap.add_argument("--out", default=None, help="output folder (default: RUN_DIR/tables)")
+    ap.add_argument("--bench", default=None,
+                    help="folder of `deqbench bench train|forward --output` JSON files for "
+                         "Tables 9-10 (default: RUN_DIR/bench)")
     args = ap.parse_args(argv)
     try:
-        paths = write_tables(args.run, args.out)
+        paths = write_tables(args.run, args.out, args.bench)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

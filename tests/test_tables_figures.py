@@ -358,6 +358,41 @@ def test_table5_tf_by_r(tmp_path):
     assert "| deq_a | 2 | 62.50 | 100.00 |" in md, md
 
 
+def test_tables_9_10_from_bench_files(full_run, tmp_path):
+    """Tables 9 (training speed) and 10 (inference speed over Tf x R) read the JSON files of
+    ``deqbench bench train|forward --output``; without them both say what to run."""
+    out = T.write_tables(full_run, tmp_path / "none", bench_dir=tmp_path / "nobench")
+    assert "deqbench bench train" in (tmp_path / "none" / "table9.md").read_text()
+    assert "deqbench bench forward" in (tmp_path / "none" / "table10.md").read_text()
+    assert {p.name for p in out} >= {"table9.md", "table9.csv", "table10.md", "table10.csv"}
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    rows = [{"method": "pgd_at", "sec33": "-", "samples_per_s": 30.0, "f_evals_per_sample": 165.0,
+             "s_per_step": 4.0, "speedup_vs_base": 1.0},
+            {"method": "pgd_at", "sec33": "reference", "samples_per_s": 42.0,
+             "f_evals_per_sample": 120.0, "s_per_step": 3.0, "speedup_vs_base": 1.4}]
+    (bench / "train.json").write_text(json.dumps({"config": {"model": "deq_a"}, "rows": rows,
+                                                  "provenance": {"device": "cpu"}}))
+    fwd = []
+    for tf, r, sps in ((1, 1, 50.0), (1, 5, 20.0), (2, 5, 30.0)):
+        fwd.append({"defense": "plain", "tf": tf, "r": r, "samples_per_s": 100.0, "ratio": 1.0,
+                    "f_nograd": 19.0, "f_grad": 0.0, "s_per_batch": 0.3})
+        fwd.append({"defense": "entropy_reduction[reference]", "tf": tf, "r": r,
+                    "samples_per_s": sps, "ratio": 100.0 / sps, "f_nograd": 19.0,
+                    "f_grad": 8.0 * r / tf, "s_per_batch": 1.0})
+    (bench / "forward.json").write_text(json.dumps({"model": "deq_a", "batch_size": 32,
+                                                    "preset": "reference", "rows": fwd}))
+    t9 = T.table9(bench)
+    assert t9.samples_per_s.tolist() == [30.0, 42.0] and t9.speedup_vs_base.tolist() == [1.0, 1.4]
+    t10 = T.table10(bench)
+    assert [(int(a), int(b)) for a, b in zip(t10.tf, t10.r)] == [(1, 1), (1, 5), (2, 5)]
+    assert t10.time_ratio.tolist() == pytest.approx([2.0, 5.0, 100 / 30])
+    T.write_tables(full_run, tmp_path / "with", bench_dir=bench)
+    md = (tmp_path / "with" / "table10.md").read_text()
+    assert "| 1 | 50.0 | 20.0 |" in md and "| 2 | - | 30.0 |" in md, md
+    assert "42.0" in (tmp_path / "with" / "table9.md").read_text()
+
+
 def test_transfer_and_tf_r_absent(full_run):
     assert T.table3(full_run).empty
     assert T.table5(full_run).empty
