@@ -338,7 +338,8 @@ def _run_unit(db, cfg, model, defense, mkey, dkey, attack, opts, x, y, idx, prog
                                  lams=tuple(opts.get("lams", (0.5, 1.0))),
                                  preset=opts.get("preset", "reference"))
         g = grid_attack(model, defense, x, y, eps, alpha, steps, settings=settings,
-                        mode=opts.get("mode", "efficient"), seed=seed, batch_size=cfg.batch_size)
+                        mode=opts.get("mode", "efficient"), seed=seed, batch_size=cfg.batch_size,
+                        progress=progress)
         recs = _outcome_records(g.worst, idx, y, "worst", state, model, defense, x)
         for si, name in enumerate(g.settings):
             for k in range(len(idx)):
@@ -351,7 +352,8 @@ def _run_unit(db, cfg, model, defense, mkey, dkey, attack, opts, x, y, idx, prog
         sur = _surrogate_for(db, model, mkey, dkey, idx, opts.get("surrogate", "strongest"))
         out = autoattack_attack(JudgedModule(model, defense, sur), x, y, eps,
                                 attacks=opts.get("attacks", ("apgd-ce", "apgd-t", "fab-t", "square")),
-                                budget=opts.get("budget"), seed=seed, batch_size=cfg.batch_size)
+                                budget=opts.get("budget"), seed=seed, batch_size=cfg.batch_size,
+                                progress=progress)
         return _outcome_records(out, idx, y, "ensemble", state, model, defense, x), out.config
     if attack == "adaptive":
         out = adaptive_attacks(model, defense, x, y, eps, alpha, steps, seed=seed,
