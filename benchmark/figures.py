@@ -409,12 +409,17 @@ def plot_training_curves(csv_paths, out_dir, formats=("png", "pdf"), stem="fig4_
         ax.set_title(key)
     axes[0].legend(fontsize=7)
     if title is None:
-        parts = []
-        for _, _, i in logs:
-            parts.append(f"{i.get('model') or i['label']} ({i.get('dataset') or '?'}, "
-                         f"eps={i.get('eps') if i.get('eps') is not None else '?'}, "
-                         f"n_val={i.get('n') if i.get('n') is not None else '?'})")
-        title = "Fig. 4: training curves: " + "; ".join(dict.fromkeys(parts))
+        def ctx(i):
+            return (f"{i.get('dataset') or '?'}, "
+                    f"eps={i.get('eps') if i.get('eps') is not None else '?'}, "
+                    f"n_val={i.get('n') if i.get('n') is not None else '?'}")
+        shared = {ctx(i) for _, _, i in logs}
+        if len(shared) == 1:   # one context for all: say it once, the models are in the legend
+            title = (f"Fig. 4: training curves ({shared.pop()}): "
+                     + ", ".join(dict.fromkeys(i.get('model') or i['label'] for _, _, i in logs)))
+        else:
+            parts = [f"{i.get('model') or i['label']} ({ctx(i)})" for _, _, i in logs]
+            title = "Fig. 4: training curves: " + "; ".join(dict.fromkeys(parts))
     fig.suptitle(title, fontsize=9)
     return _save(fig, Path(out_dir), stem, formats)
 
