@@ -56,7 +56,9 @@ def run_training(cfg: TrainConfig, resume: bool = False, device: Optional[str] =
                                 cfg.train.init_from)
     model = model.to(device)
     if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model)
+        # BatchNorm statistics are averaged over all shards by the trainer itself
+        # (model_zoo.training._BatchNormSync), not broadcast from rank 0.
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     train, val = build_data(cfg)
     out_dir = Path(cfg.output) / cfg.name
 

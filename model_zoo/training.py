@@ -111,6 +111,48 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+class _BatchNormSync:
+    """BatchNorm running statistics of one optimizer step split into micro-batches (shards of
+    this process and of every DDP rank): every shard starts from the step's initial statistics
+    (so the eval-mode attack of each shard reads the same ones), and the step ends with their
+    mean over ALL shards (all-reduced across ranks). So single-process training with
+    ``shards = W`` and DDP with W processes (``broadcast_buffers=False``) update them alike,
+    where DDP's default (rank 0's buffers broadcast at each forward) would not."""
+
+    def __init__(self, model):
+        self.mods = [m for m in model.modules()
+                     if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                     and m.track_running_stats and m.running_mean is not None]
+        self.start = [(m.running_mean.clone(), m.running_var.clone(),
+                       m.num_batches_tracked.clone()) for m in self.mods]
+        self.acc = [(torch.zeros_like(a), torch.zeros_like(b)) for a, b, _ in self.start]
+        self.nbt = [n.clone() for _, _, n in self.start]
+
+    def begin_shard(self):
+        with torch.no_grad():
+            for m, (mu, var, nbt) in zip(self.mods, self.start):
+                m.running_mean.copy_(mu)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(nbt)
+
+    def end_shard(self):
+        with torch.no_grad():
+            for k, (m, (am, av)) in enumerate(zip(self.mods, self.acc)):
+                am.add_(m.running_mean)
+                av.add_(m.running_var)
+                self.nbt[k] = m.num_batches_tracked.clone()
+
+    def finish(self, n_total: int, distributed: bool):
+        with torch.no_grad():
+            for m, (am, av), nbt in zip(self.mods, self.acc, self.nbt):
+                if distributed:
+                    torch.distributed.all_reduce(am)
+                    torch.distributed.all_reduce(av)
+                m.running_mean.copy_(am / n_total)
+                m.running_var.copy_(av / n_total)
+                m.num_batches_tracked.copy_(nbt)
+
+
 class Trainer:
     """Train ``model`` (an MDEQClassifier, or any zoo classifier for ``standard``/``pgd_at``
     without DEQ-only options) under ``cfg``.
@@ -207,14 +249,21 @@ class Trainer:
         xs, ys = x.tensor_split(n_total), y.tensor_split(n_total)
         self.opt.zero_grad(set_to_none=True)
         loss_sum, correct = 0.0, 0
+        bn = _BatchNormSync(self.model) if n_total > 1 else None
         for k in range(self.shards):
             shard = self.rank * self.shards + k
             xk, yk = xs[shard].to(self.device), ys[shard].to(self.device)
+            if bn is not None:
+                bn.begin_shard()
             torch.manual_seed(cfg.seed * 1_000_003 + step * 1024 + shard)
             loss, c = self._shard_loss(xk, yk, pretrain, jac_thres)
             (loss * len(xk) * n_total / len(x) / self.shards).backward()
+            if bn is not None:
+                bn.end_shard()
             loss_sum += float(loss.detach()) * len(xk)
             correct += c
+        if bn is not None:
+            bn.finish(n_total, distributed=self.world > 1)
         self.opt.step()
         self.sched.step()
         return {"loss": loss_sum, "correct": correct, "pretrain": int(pretrain), "n": sum(len(xs[self.rank * self.shards + k])
