@@ -67,21 +67,23 @@ bench: setup data
 	@if [ -f $(DEMO_RUN)/results.sqlite ]; then $(VENV)/bin/deqbench tables $(DEMO_RUN); fi
 
 # Re-train and re-publish the shipped Fashion-MNIST zoo (hours on a 2-core CPU; see README).
-# fmnist_deq_tiny_standard (3 clean epochs) is not published itself: it is the start of the
-# shipped standard model (fmnist_deq_tiny_standard_ft) and of the PGD-AT + Sec. 3.3 DEQ; the
-# PGD-AT, TRADES and TRADES + Sec. 3.3 DEQs start from the published standard model, so the
-# order below matters. Each run is published under the name after ':'.
-ZOO_RUNS := fmnist_deq_tiny_standard_ft:deq_tiny_fmnist_standard \
-            fmnist_deq_tiny_pgdat:deq_tiny_fmnist_pgdat \
+# Each entry of ZOO_RUNS is RUN[+RUN...]:NAME: the runs are trained in order (each continues the
+# one before it, see their init_from) and the last is published under NAME. The order of the
+# entries matters: fmnist_deq_tiny_standard (3 clean epochs, not published itself) starts the
+# shipped standard model and the PGD-AT + Sec. 3.3 DEQ; PGD-AT, TRADES and TRADES + Sec. 3.3
+# start from the published standard model; the TRADES runs get one more epoch (*_ft).
+ZOO_RUNS := fmnist_deq_tiny_standard+fmnist_deq_tiny_standard_ft:deq_tiny_fmnist_standard \
             fmnist_deq_tiny_pgdat_sec33:deq_tiny_fmnist_pgdat_sec33 \
-            fmnist_deq_tiny_trades:deq_tiny_fmnist_trades \
-            fmnist_deq_tiny_trades_sec33:deq_tiny_fmnist_trades_sec33 \
+            fmnist_deq_tiny_pgdat:deq_tiny_fmnist_pgdat \
+            fmnist_deq_tiny_trades+fmnist_deq_tiny_trades_ft:deq_tiny_fmnist_trades \
+            fmnist_deq_tiny_trades_sec33+fmnist_deq_tiny_trades_sec33_ft:deq_tiny_fmnist_trades_sec33 \
             fmnist_small_cnn_pgdat:small_cnn_fmnist_pgdat
 zoo: setup data
-	$(VENV)/bin/deqbench train configs/train/fmnist_deq_tiny_standard.yaml
-	for pair in $(ZOO_RUNS); do \
-	  run=$${pair%%:*}; name=$${pair##*:}; \
-	  $(VENV)/bin/deqbench train configs/train/$$run.yaml || exit 1; \
+	for entry in $(ZOO_RUNS); do \
+	  runs=$${entry%%:*}; name=$${entry##*:}; \
+	  for run in $${runs//+/ }; do \
+	    $(VENV)/bin/deqbench train configs/train/$$run.yaml || exit 1; \
+	  done; \
 	  $(VENV)/bin/deqbench zoo publish --run runs/train/$$run --config configs/train/$$run.yaml --name $$name || exit 1; \
 	done
 
