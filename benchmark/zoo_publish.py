@@ -75,6 +75,7 @@ def publish(run_dir, config_path, name: str, notes: str = "") -> dict:
             "train_samples": summary["train_samples"],
             "train_subset": cfg.data.train_subset, "init_from": t.init_from,
             "requires": _prerequisite(t.init_from),
+            "chain": _training_chain(run_dir, summary),
             "val_n": summary.get("val_samples"),
             "selection": summary["best"], "wall_s": summary["wall_s"],
             "samples_per_s": summary["samples_per_s"],
@@ -100,6 +101,27 @@ def publish(run_dir, config_path, name: str, notes: str = "") -> dict:
     entry["extra"]["test_hardware"] = device_description("cpu")
     _update_zoo_file(entry)
     return entry
+
+
+def _training_chain(run_dir: Path, summary: dict) -> list:
+    """The training runs behind this checkpoint, first to last: this run, then the run its
+    ``init_from`` names (when that is a run folder's best.pt with a summary.json), and so on.
+    Each: name, epochs, steps, training images, wall seconds -- the whole budget of the model."""
+    chain, seen = [], set()
+    d, s = run_dir, summary
+    while s is not None and str(d) not in seen:
+        seen.add(str(d))
+        c = s.get("config") or {}
+        chain.append({"run": c.get("name") or d.name, "epochs": (c.get("train") or {}).get("epochs"),
+                      "steps": s.get("steps"), "train_samples": s.get("train_samples"),
+                      "wall_s": s.get("wall_s"), "samples_per_s": s.get("samples_per_s"),
+                      "init_from": (c.get("train") or {}).get("init_from")})
+        nxt = chain[-1]["init_from"]
+        s = None
+        if nxt and Path(nxt).name == "best.pt" and (Path(nxt).parent / "summary.json").is_file():
+            d = Path(nxt).parent
+            s = json.loads((d / "summary.json").read_text())
+    return chain[::-1]
 
 
 def _prerequisite(init_from) -> str:
