@@ -41,6 +41,7 @@ ATTACK_KEYS = {
     "checks": {"steps", "alpha", "square_queries", "large_eps", "surrogate",
                "on_test_time_defenses"},
     "adaptive": {"steps", "alpha", "ka", "lam"},
+    "top_settings": {"k", "attacks", "budget", "on_test_time_defenses"},
     "transfer": {"sources", "targets", "steps", "alpha", "surrogates"},
 }
 TOP_KEYS = {"name", "output", "seed", "device", "batch_size", "shard_size", "data", "threat",
@@ -241,15 +242,20 @@ def from_dict(raw: dict, source: Optional[str] = None) -> RunConfig:
             for lam in opts.get("lams", []):
                 if not isinstance(lam, (int, float)) or not 0 < lam <= 1:
                     _err("attacks.grid.lams", f"every lambda must be in (0, 1], got {lam!r}")
-        if name == "autoattack":
+        if name == "top_settings":
+            if "grid" not in attacks:
+                _err("attacks.top_settings", "needs attacks.grid (its top settings are the grid's)")
+            if "k" in opts:
+                _int(opts, "k", 1, "attacks.top_settings.")
+        if name in ("autoattack", "top_settings"):
             from attacks.evaluation import AA_STANDARD_BUDGET, AUTOATTACK_NAMES
             for a in opts.get("attacks", []):
                 if a not in AUTOATTACK_NAMES:
-                    _err("attacks.autoattack.attacks", f"unknown attack {a!r} (known: {list(AUTOATTACK_NAMES)})")
+                    _err(f"attacks.{name}.attacks", f"unknown attack {a!r} (known: {list(AUTOATTACK_NAMES)})")
             for k, v in (opts.get("budget") or {}).items():
                 if k not in AA_STANDARD_BUDGET:
-                    _err(f"attacks.autoattack.budget.{k}", f"unknown knob (known: {sorted(AA_STANDARD_BUDGET)})")
-                _int({k: v}, k, 1, "attacks.autoattack.budget.")
+                    _err(f"attacks.{name}.budget.{k}", f"unknown knob (known: {sorted(AA_STANDARD_BUDGET)})")
+                _int({k: v}, k, 1, f"attacks.{name}.budget.")
         if name == "transfer":
             _check_transfer(cfg, opts)
         attacks[name] = opts

@@ -165,6 +165,42 @@ def state_deviation(clean, perturbed) -> torch.Tensor:
     return ((zt - z).norm(dim=-1) / z.norm(dim=-1).clamp_min(1e-12)).cpu()
 
 
+def _top_settings(db: ResultsDB, mkey, dkey, k: int) -> list:
+    """The ``k`` grid settings that broke the most examples of the run (ties by name). Every
+    grid unit precedes every top_settings unit in the plan, so all shards of a single-process
+    run get the same settings (under torchrun: those of the rank's own shards)."""
+    rows = db.conn.execute(
+        "SELECT setting, SUM(1 - correct) AS broken FROM records WHERE model = ? AND defense = ? "
+        "AND attack = 'grid' AND setting != 'worst' "
+        "GROUP BY setting ORDER BY broken DESC, setting LIMIT ?", (mkey, dkey, k)).fetchall()
+    return [r[0] for r in rows]
+
+
+def _top_setting_records(db, cfg, model, defense, mkey, dkey, opts, x, y, idx, state, seed,
+                         progress):
+    """The paper's Table 4: APGD-CE (and any other gradient attack of ``opts['attacks']``) with
+    each of the top-``k`` grid settings of these examples as its gradient, and Square (black
+    box: it only queries the reported forward, so once); records ``'apgd-ce@ui(...)'``,
+    ``'square'``. Every outcome is judged on the reported forward."""
+    names = opts.get("attacks", ["apgd-ce", "square"])
+    settings = _top_settings(db, mkey, dkey, opts.get("k", 3))
+    if not settings:
+        raise ValueError(f"attacks.top_settings needs the grid's per-setting records of {mkey} "
+                         f"[{dkey}]: add attacks.grid to the run")
+    recs, confs = [], {}
+    for name in names:
+        for st in (settings[:1] if name == "square" else settings):
+            judged = JudgedModule(model, defense, _parse_setting(st))
+            out = autoattack_attack(judged, x, y, cfg.eps, attacks=[name], budget=opts.get("budget"),
+                                    seed=seed, batch_size=cfg.batch_size, progress=progress)
+            label = name if name == "square" else f"{name}@{st}"
+            recs += _outcome_records(out, idx, y, label, state, model, defense, x)
+            confs[label] = out.config
+    return recs, {"attack": "top_settings", "settings": settings, "attacks": names,
+                  "budget": next(iter(confs.values())).get("budget"),
+                  "budget_knobs": next(iter(confs.values())).get("budget_knobs"), "runs": confs}
+
+
 def _strongest_setting(db: ResultsDB, mkey, dkey, idx) -> Optional[str]:
     """The grid setting that broke the most of these examples (None without grid records)."""
     rows = db.conn.execute(
@@ -355,6 +391,9 @@ def _run_unit(db, cfg, model, defense, mkey, dkey, attack, opts, x, y, idx, prog
                                 budget=opts.get("budget"), seed=seed, batch_size=cfg.batch_size,
                                 progress=progress)
         return _outcome_records(out, idx, y, "ensemble", state, model, defense, x), out.config
+    if attack == "top_settings":
+        return _top_setting_records(db, cfg, model, defense, mkey, dkey, opts, x, y, idx, state,
+                                    seed, progress)
     if attack == "adaptive":
         out = adaptive_attacks(model, defense, x, y, eps, alpha, steps, seed=seed,
                                ka=opts.get("ka", 9), lam=opts.get("lam", 0.5),
@@ -377,12 +416,14 @@ def _applicable(attack, model, defense, opts) -> bool:
         return is_deq and (_plain(defense) or opts.get("on_test_time_defenses", False))
     if attack == "adaptive":
         return is_deq and not _plain(defense)
+    if attack == "top_settings":
+        return is_deq and (_plain(defense) or opts.get("on_test_time_defenses", False))
     if attack in ("autoattack", "checks"):
         return _plain(defense) or opts.get("on_test_time_defenses", True)
     return True
 
 
-ORDER = ("clean", "pgd", "grid", "autoattack", "adaptive", "checks", "transfer")
+ORDER = ("clean", "pgd", "grid", "top_settings", "autoattack", "adaptive", "checks", "transfer")
 
 
 def evaluate(cfg: RunConfig, progress: bool = True, rank: Optional[int] = None,
@@ -556,6 +597,11 @@ def summarize(db: ResultsDB):
             flags = flags_from_records(g)
             row["flags"] = ",".join(k for k, v in flags.items()
                                     if isinstance(v, dict) and v.get("flag")) or "none"
+        top = g[g.attack == "top_settings"]
+        if len(top):  # APGD-CE / Square at the top grid settings (Table 4): worst case
+            s = top.groupby("example").correct.min()
+            final["top_settings"] = s
+            row["top_settings"] = s.reindex(clean.example).fillna(0).mean()
         tr = g[g.attack == "transfer"]
         if len(tr):  # the per-example worst case over the transfer sources
             s = tr.groupby("example").correct.min()

@@ -869,3 +869,38 @@ def test_transfer_sources_with_a_dict_defense(tmp_path):
     raw["attacks"]["transfer"]["sources"] = ['deq_tiny_fashion_mnist@{"name": "entropy_reduction"}']
     with pytest.raises(ConfigError, match="is not evaluated with defense"):
         from_dict(raw)
+
+
+@needs_data
+def test_top_settings_table4(checkpoints, tmp_path):
+    """attacks.top_settings (the paper's Table 4): APGD-CE with each of the top-k grid settings
+    as gradient and Square once, judged on the reported forward; their records count in ALL and
+    Table 4 lists PGD / APGD-CE / Square per top setting."""
+    from benchmark import tables as T
+    raw = _raw(checkpoints, tmp_path, name="top",
+               attacks={"grid": {"steps": 2, "kas": [1, 2], "lams": [1.0], "mode": "full"},
+                        "top_settings": {"k": 2, "attacks": ["apgd-ce", "square"],
+                                         "budget": {"apgd_n_iter": 3, "square_n_queries": 5}}})
+    raw["models"] = [{"name": "deq_tiny_fashion_mnist", "checkpoint": checkpoints["deq"],
+                      "defenses": ["final"]}]
+    res = evaluate(from_dict(raw), progress=False)
+    recs = _records(res["db"])
+    top = recs[recs.attack == "top_settings"]
+    labels = sorted(set(top.setting))
+    assert len(labels) == 3 and "square" in labels
+    assert sum(lab.startswith("apgd-ce@ui(") for lab in labels) == 2
+    assert (top.groupby("setting").example.nunique() == N).all()
+    with ResultsDB(res["db"]) as db:
+        summ = summarize(db).iloc[0]
+    per_ex = recs[recs.attack != "clean"].groupby("example").correct.min()
+    clean = recs[recs.attack == "clean"].set_index("example").correct
+    assert summ.ALL == pytest.approx(float((per_ex.reindex(clean.index).fillna(0) * clean).mean()))
+    assert summ.ALL <= summ.top_settings + 1e-12
+    t4 = T.table4_top_settings(res["db"])
+    assert len(t4) == 2 and set(t4.columns) >= {"pgd", "apgd-ce", "square"}
+    assert t4.square.nunique() == 1
+    for _, r in t4.iterrows():
+        a = top[top.setting == f"apgd-ce@{r.setting}"].set_index("example").correct
+        assert r["apgd-ce"] == pytest.approx(float((a.reindex(clean.index).fillna(0) * clean).mean()))
+    with pytest.raises(ConfigError, match="attacks.top_settings: needs attacks.grid"):
+        from_dict(dict(raw, attacks={"top_settings": {"k": 2}}))
