@@ -274,8 +274,17 @@ def test_single_input_update_decreases_entropy_objective(calibrated_tiny_model, 
     # the update's gradient costs one f eval with graph per sample
     assert torch.equal(ctx.counter.grad, torch.ones(8, dtype=torch.long))
     # sum over the batch: a sample's update does not depend on the rest of the batch
+    # (up to float noise: batch 1 and batch 8 may run different convolution kernels, so a
+    # gradient entry near 0 may flip its sign step; a mean over the batch would shrink the
+    # paper preset's gradient step 8-fold)
     x_one = d._update_input(m, x[:1], x[:1], z[:1], m.context(x[:1]), 0)
-    torch.testing.assert_close(x_one, x_new[:1], rtol=0, atol=1e-6)
+    diff = (x_one - x_new[:1]).abs()
+    if preset == "paper":
+        assert diff.max() < 1e-3 * beta, diff.max()
+    else:
+        flipped = diff > 1e-6
+        assert flipped.float().mean() < 0.01, flipped.float().mean()
+        assert (diff[flipped] <= 2 * beta + 1e-6).all()
 
 
 def test_entropy_reduction_unroll_input(calibrated_tiny_model):
