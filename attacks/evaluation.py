@@ -29,11 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from model_zoo.forward import prediction_entropy
+
 from .pgd import check_linf_ball
 from .surrogates import GradientSource, JudgedModule, UnrolledIntermediate, grid_settings
 
 __all__ = ["AttackOutcome", "GridOutcome", "FEvalMeter", "reported_margin", "rescore",
-           "pgd_attack", "grid_attack", "autoattack_attack", "torchattacks_attack",
+           "pgd_attack", "pgd_attack_steps", "grid_attack", "autoattack_attack", "torchattacks_attack",
            "transfer_matrix", "obfuscation_flags", "AUTOATTACK_NAMES", "AA_STANDARD_BUDGET",
            "setting_name", "derive_seed"]
 
@@ -119,19 +121,21 @@ def _batched_reported(judged: JudgedModule, x: Tensor, batch_size: int) -> Tenso
 
 def rescore(judged: JudgedModule, x_adv: Tensor, x: Tensor, y: Tensor, eps: float,
             meter: Optional[FEvalMeter] = None, idx: Optional[Tensor] = None,
-            batch_size: int = 256):
+            batch_size: int = 256, return_logits: bool = False):
     """Verify the eps-ball and [0, 1] (ValueError on any violation) and judge ``x_adv`` on the
-    reported forward. Returns (correct (B,) bool, margin (B,) float)."""
+    reported forward. Returns (correct (B,) bool, margin (B,) float[, reported logits])."""
     check_linf_ball(x_adv, x, eps)
     if len(x) == 0:
-        return torch.zeros(0, dtype=torch.bool, device=x.device), x.new_zeros(0)
+        empty = (torch.zeros(0, dtype=torch.bool, device=x.device), x.new_zeros(0))
+        return empty + (x.new_zeros(0, 0),) if return_logits else empty
     idx = torch.arange(len(x)) if idx is None else idx
     if meter is not None:
         with meter.on(idx):
             logits = _batched_reported(judged, x_adv, batch_size)
     else:
         logits = _batched_reported(judged, x_adv, batch_size)
-    return logits.argmax(-1) == y, reported_margin(logits.float(), y)
+    out = (logits.argmax(-1) == y, reported_margin(logits.float(), y))
+    return out + (logits,) if return_logits else out
 
 
 @dataclass
@@ -216,7 +220,7 @@ def _clean_correct(judged, x, y, meter, batch_size):
 
 def _pgd_core(judged, x, y, eps, alpha, steps, start: Tensor, early_stop: bool,
               meter: FEvalMeter, idx_global: Tensor, surrogate_only: bool = False,
-              max_checks: int = 1):
+              max_checks: int = 1, on_step=None):
     """PGD iterations from ``start`` on every row; returns the final iterates and a (B,) bool
     of rows stopped early because the reported forward misclassified their current iterate.
 
@@ -228,13 +232,19 @@ def _pgd_core(judged, x, y, eps, alpha, steps, start: Tensor, early_stop: bool,
     forward), at most ``max_checks`` times per row: where the surrogate is fooled and the
     reported forward is not (the obfuscation gap of early states), checking every step would
     cost a reported solve per step and undo the saving. Rows never frozen are judged on the
-    reported forward at their last iterate by the caller, as the reference judges every row."""
+    reported forward at their last iterate by the caller, as the reference judges every row.
+
+    ``on_step(s, x_adv)``, when given, is called after step s = 1..steps (also for the steps
+    skipped because every row stopped: the iterates no longer change)."""
     x_adv = start.clone()
     stopped = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     checks = torch.zeros(len(x), dtype=torch.long, device=x.device)
-    for _ in range(steps):
+    for s in range(1, steps + 1):
         act = (~stopped).nonzero().flatten()
         if len(act) == 0:
+            if on_step is not None:
+                for rest in range(s, steps + 1):
+                    on_step(rest, x_adv)
             break
         xv = x_adv[act].clone().requires_grad_(True)
         with meter.on(idx_global[act.cpu()]):
@@ -262,6 +272,8 @@ def _pgd_core(judged, x, y, eps, alpha, steps, start: Tensor, early_stop: bool,
         a = act[move]
         step = x_adv[a] + alpha * g[move].sign()
         x_adv[a] = torch.min(torch.max(step, x[a] - eps), x[a] + eps).clamp(0, 1)
+        if on_step is not None:
+            on_step(s, x_adv)
     return x_adv, stopped
 
 
@@ -282,7 +294,26 @@ def pgd_attack(judged: JudgedModule, x: Tensor, y: Tensor, eps: float, alpha: fl
     'when_fooled' -- the surrogate runs alone and the reported forward is asked only where the
     surrogate misclassifies (the grid's cheaper policy, :func:`_pgd_core`).
     """
-    _check_eps(eps, alpha, steps)
+    return pgd_attack_steps(judged, x, y, eps, alpha, (steps,), random_start, seed, early_stop,
+                            clean_correct, batch_size, name, budget, check)[steps]
+
+
+def pgd_attack_steps(judged: JudgedModule, x: Tensor, y: Tensor, eps: float, alpha: float,
+                     steps=(10, 20), random_start: bool = True, seed: int = 0,
+                     early_stop: bool = True, clean_correct: Optional[Tensor] = None,
+                     batch_size: int = 256, name: str = "pgd", budget: str = "standard",
+                     check: str = "every_step") -> dict:
+    """PGD with several step counts from ONE run: ``{k: outcome of pgd_attack(..., steps=k)}``
+    for every k of ``steps``. PGD-k is PGD-K (K = max) stopped after k steps -- same seed, same
+    start, same iterates -- so the run to K snapshots its iterates (and f-evaluation counts)
+    after k steps and re-scores them on the reported forward, instead of re-running the first k
+    steps (the obfuscation check "PGD-2k vs PGD-k" costs 2k steps instead of 3k). Each
+    outcome's ``nfev_*`` and config are those of the k-step attack alone."""
+    if not len(steps):
+        raise ValueError("steps must name at least one step count")
+    for k in steps:
+        _check_eps(eps, alpha, k)
+    ks = sorted(set(int(k) for k in steps))
     if check not in ("every_step", "when_fooled"):
         raise ValueError(f"check must be 'every_step' or 'when_fooled', got {check!r}")
     surrogate_only = check == "when_fooled" and judged.is_deq and judged.surrogate is not None
@@ -294,20 +325,48 @@ def pgd_attack(judged: JudgedModule, x: Tensor, y: Tensor, eps: float, alpha: fl
         clean_correct, _ = _clean_correct(judged, x, y, meter, batch_size)
     noise = _uniform_noise(x.shape, seed, x.device, x.dtype)
     start = (x + (2 * noise - 1) * eps).clamp(0, 1) if random_start else x.clone()
-    x_adv = x.clone()
     todo = clean_correct.nonzero().flatten()
-    for s in range(0, len(todo), batch_size):
-        b = todo[s:s + batch_size]
-        x_adv[b], _ = _pgd_core(judged, x[b], y[b], eps, alpha, steps, start[b], early_stop,
-                                meter, b.cpu(), surrogate_only=surrogate_only)
-    correct, margin = rescore(judged, x_adv, x, y, eps, meter, batch_size=batch_size)
-    correct &= clean_correct
-    broken_by = [[] if c else (["clean"] if not cc else [name])
-                 for c, cc in zip(correct.tolist(), clean_correct.tolist())]
-    config = {"attack": "pgd", "norm": "Linf", "eps": eps, "alpha": alpha, "steps": steps,
-              "random_start": random_start, "seed": seed, "early_stop": early_stop,
-              "check": check, "budget": budget, **judged.config()}
-    return _outcome(name, x_adv, correct, margin, broken_by, meter, config, t0)
+    # per step count k: the iterates after k steps and each row's f-evaluations so far (rows
+    # not attacked keep the clean forward's), filled batch by batch by _pgd_core's on_step
+    wall0 = time.perf_counter() - t0
+    snaps = {}
+    for k in ks:
+        m = FEvalMeter(judged.model, n)
+        m.nograd, m.grad, m.queries = (meter.nograd.clone(), meter.grad.clone(),
+                                       meter.queries.clone())
+        snaps[k] = {"x": x.clone(), "meter": m, "wall": wall0}
+        if k == 0:
+            snaps[k]["x"][todo] = start[todo]
+    for s0 in range(0, len(todo), batch_size):
+        b = todo[s0:s0 + batch_size]
+        tb = time.perf_counter()
+
+        def on_step(s, xa, b=b, tb=tb):
+            if s in snaps:
+                snap, bc = snaps[s], b.cpu()
+                snap["x"][b] = xa
+                snap["wall"] += time.perf_counter() - tb
+                for f in ("nograd", "grad", "queries"):
+                    getattr(snap["meter"], f)[bc] = getattr(meter, f)[bc]
+
+        xa, _ = _pgd_core(judged, x[b], y[b], eps, alpha, ks[-1], start[b], early_stop, meter,
+                          b.cpu(), surrogate_only=surrogate_only, on_step=on_step)
+        snaps[ks[-1]]["x"][b] = xa  # the final iterates as returned (== the last snapshot)
+    out = {}
+    for k in ks:
+        snap, m = snaps[k], snaps[k]["meter"]
+        t1 = time.perf_counter()
+        correct, margin = rescore(judged, snap["x"], x, y, eps, m, batch_size=batch_size)
+        correct &= clean_correct
+        broken_by = [[] if c else (["clean"] if not cc else [name])
+                     for c, cc in zip(correct.tolist(), clean_correct.tolist())]
+        config = {"attack": "pgd", "norm": "Linf", "eps": eps, "alpha": alpha, "steps": k,
+                  "random_start": random_start, "seed": seed, "early_stop": early_stop,
+                  "check": check, "budget": budget, **judged.config()}
+        o = _outcome(name, snap["x"], correct, margin, broken_by, m, config, t1)
+        o.wall_s += snap["wall"]
+        out[k] = o
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,11 +377,18 @@ def pgd_attack(judged: JudgedModule, x: Tensor, y: Tensor, eps: float, alpha: fl
 class GridOutcome:
     """The grid: ``per_setting[s]`` (B,) int8: 1 robust, 0 broken, -1 not attacked (efficient
     mode skips points already broken); ``worst`` the per-example worst case over all settings
-    (an AttackOutcome whose broken_by lists the settings that broke each point)."""
+    (an AttackOutcome whose broken_by lists the settings that broke each point).
+
+    ``entropy[s]`` (B,) float: the prediction entropy H (Eq. 6) of the reported forward at
+    setting s's adversarial example (NaN where not attacked; the clean input's for
+    clean-misclassified points, which are not attacked); ``clean_entropy`` (B,): at the clean
+    input -- the two sides of the paper's Eqs. (12)-(13) per grid attack (Tables 6-7)."""
     settings: list
     per_setting: Tensor
     worst: AttackOutcome
     mode: str
+    entropy: Optional[Tensor] = None
+    clean_entropy: Optional[Tensor] = None
 
     @property
     def setting_accuracy(self) -> Optional[list]:
@@ -377,9 +443,12 @@ def grid_attack(model, reported, x: Tensor, y: Tensor, eps: float, alpha: float,
     n, S = len(x), len(settings)
     meter = FEvalMeter(model, n)
     base = JudgedModule(model, reported)
-    clean_correct, _ = _clean_correct(base, x, y, meter, batch_size)
+    clean_correct, clean_logits = _clean_correct(base, x, y, meter, batch_size)
     per = torch.full((S, n), -1, dtype=torch.int8)
     per[:, ~clean_correct.cpu()] = 0
+    clean_h = (_entropy(clean_logits) if n else torch.zeros(0))
+    ent = torch.full((S, n), float("nan"))
+    ent[:, ~clean_correct.cpu()] = clean_h[~clean_correct.cpu()]
     margin = torch.full((n,), float("inf"))
     x_adv = x.clone()
     robust = clean_correct.clone()
@@ -398,7 +467,9 @@ def grid_attack(model, reported, x: Tensor, y: Tensor, eps: float, alpha: float,
             b = todo[s:s + batch_size]
             xa, _ = _pgd_core(judged, x[b], y[b], eps, alpha, steps, start[b],
                               mode != "naive", meter, b.cpu(), surrogate_only=True)
-            c, m = rescore(judged, xa, x[b], y[b], eps, meter, b.cpu(), batch_size)
+            c, m, lg = rescore(judged, xa, x[b], y[b], eps, meter, b.cpu(), batch_size,
+                               return_logits=True)
+            ent[si, b.cpu()] = _entropy(lg)
             if mode == "naive":  # the reference re-evaluates the clean inputs for every setting
                 with meter.on(b.cpu()):
                     c &= judged.reported_logits(x[b]).argmax(-1) == y[b]
@@ -436,7 +507,13 @@ def grid_attack(model, reported, x: Tensor, y: Tensor, eps: float, alpha: float,
               "check": "last_iterate" if mode == "naive" else "when_fooled",
               "settings": [s.config() for s in settings], **base.config()}
     worst = _outcome(f"grid_{mode}", x_adv, correct, final_margin, broken_by, meter, config, t0)
-    return GridOutcome(settings=names, per_setting=per, worst=worst, mode=mode)
+    return GridOutcome(settings=names, per_setting=per, worst=worst, mode=mode, entropy=ent,
+                       clean_entropy=clean_h)
+
+
+def _entropy(logits: Tensor) -> Tensor:
+    """Prediction entropy (Eq. 6) of logits, as float32 on the CPU."""
+    return prediction_entropy(logits.float()).cpu()
 
 
 # ---------------------------------------------------------------------------------------------

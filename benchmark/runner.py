@@ -24,8 +24,8 @@ import torch
 
 import model_zoo
 from attacks.evaluation import (FEvalMeter, adaptive_attacks, autoattack_attack, derive_seed,
-                                grid_attack, obfuscation_flags, pgd_attack, reported_margin,
-                                rescore, setting_name)
+                                grid_attack, obfuscation_flags, pgd_attack, pgd_attack_steps,
+                                reported_margin, rescore, setting_name)
 from attacks.surrogates import (JudgedModule, PhantomFinal, UnrolledIntermediate,
                                 grid_settings, make_surrogate)
 from benchmark.data import load_dataset, subset
@@ -302,9 +302,11 @@ def _check_records(db, cfg, model, defense, mkey, dkey, opts, x, y, idx, state, 
     sur = _surrogate_for(db, model, mkey, dkey, idx, opts.get("surrogate", "strongest"))
     judged = JudgedModule(model, defense, sur)
     bs = cfg.batch_size
+    # PGD-k and PGD-2k share seed and start: one 2k-step run gives both (pgd_attack_steps)
+    pgd = pgd_attack_steps(judged, x, y, eps, alpha, (steps, 2 * steps), seed=seed, batch_size=bs)
     outs = {
-        f"pgd{steps}": pgd_attack(judged, x, y, eps, alpha, steps, seed=seed, batch_size=bs),
-        f"pgd{2 * steps}": pgd_attack(judged, x, y, eps, alpha, 2 * steps, seed=seed, batch_size=bs),
+        f"pgd{steps}": pgd[steps],
+        f"pgd{2 * steps}": pgd[2 * steps],
         f"square{q}": autoattack_attack(judged, x, y, eps, attacks=["square"],
                                         budget={"square_n_queries": q}, seed=seed, batch_size=bs),
         f"large_eps{big:g}": pgd_attack(judged, x, y, big, big / 4, 2 * steps, seed=seed,
@@ -381,8 +383,13 @@ def _run_unit(db, cfg, model, defense, mkey, dkey, attack, opts, x, y, idx, prog
             for k in range(len(idx)):
                 v = int(g.per_setting[si, k])
                 if v >= 0:
+                    # H of the reported forward at this setting's adversarial example and at the
+                    # clean input: Eqs. (12)-(13) per grid attack (Tables 6-7)
+                    h = float(g.entropy[si, k])
                     recs.append({"setting": name, "example": idx[k], "label": int(y[k]),
-                                 "correct": v, "state": state})
+                                 "correct": v, "state": state,
+                                 "extra": None if h != h else
+                                 {"H": round(h, 6), "H_clean": round(float(g.clean_entropy[k]), 6)}})
         return recs, g.worst.config
     if attack == "autoattack":
         sur = _surrogate_for(db, model, mkey, dkey, idx, opts.get("surrogate", "strongest"))

@@ -48,7 +48,8 @@ import pandas as pd
 __all__ = [
     "RunData", "load_run", "resolve_db", "parse_setting", "parse_defense", "attack_series",
     "accuracy", "setting_accuracies", "entropy_pairs",
-    "table1", "table2", "table3", "table4_autoattack", "table5", "table6_7", "table8",
+    "table1", "table2", "table3", "table4_autoattack", "table5", "table6_7", "table6_7_grid",
+    "table8",
     "table9_10", "TABLES", "to_markdown", "write_tables", "main",
 ]
 
@@ -498,7 +499,7 @@ def table4_top_settings(src) -> pd.DataFrame:
     records. Accuracies count clean-misclassified examples as broken."""
     data = load_run(src)
     df = data.records
-    rows, names = [], []
+    rows, names, square_from = [], [], set()
     for (mk, dk), g in _groups(df):
         top = g[g.attack == "top_settings"]
         if top.empty:
@@ -511,6 +512,11 @@ def table4_top_settings(src) -> pd.DataFrame:
             s = sel.groupby("example").correct.min().astype(int)
             return accuracy(s, clean)[0]
         square = top[top.setting == "square"]
+        if square.empty:  # top_settings without Square: the checks' (same reported forward)
+            ch = g[(g.attack == "checks") & g.setting.str.match(r"square\d+$")]
+            square = ch[ch.setting == ch.setting.iloc[0]] if len(ch) else square
+            if len(square):
+                square_from.add(square.setting.iloc[0])
         settings = list(dict.fromkeys(st.split("@", 1)[1] for st in top.setting if "@" in st))
         for st in settings:
             p = parse_setting(st) or {}
@@ -530,7 +536,9 @@ def table4_top_settings(src) -> pd.DataFrame:
                         "accuracy (%).", [c for c in cols[7:]],
                    ["pgd: the grid's PGD with that setting; apgd-ce: APGD-CE with that setting's "
                     "unrolled gradient; square: Square on the reported forward (no gradient, so "
-                    "one value per model). All judged on the reported forward."])
+                    "one value per model). All judged on the reported forward.",
+                    f"square: the obfuscation checks' {', '.join(sorted(square_from))} (the run's "
+                    "top_settings did not run Square)" if square_from else ""])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,10 +591,9 @@ def table6_7(src) -> pd.DataFrame:
     * ``H_clean`` / ``H_adv``: the two means at z[N]; ``success_rate``: the fraction of
       clean-correct examples the attack broke (NOT the paper's P, listed beside it).
 
-    Deviations from the paper: it computes one (P, Delta H) per intermediate attack (144) on the
-    validation set and tabulates avg / min / max; the run stores entropies only at each attack
-    family's final adversarial examples (pgd, the grid's per-example worst case, autoattack,
-    adaptive) on the test subset, so there is one row per family. Clean-misclassified points are
+    One row per attack family at its stored adversarial examples (pgd, the grid's per-example
+    worst case, autoattack, adaptive, ...) with per-state entropies; the paper's avg / min / max
+    over the individual grid attacks is :func:`table6_7_grid`. Clean-misclassified points are
     not attacked (x~ = x, contributing 0 to dH and not counted in P), and PGD stops at the first
     misclassifying iterate, both of which shrink |dH| relative to full-length PGD."""
     data = load_run(src)
@@ -617,8 +624,62 @@ def table6_7(src) -> pd.DataFrame:
                    ["P = mean_j 1(H(z*_j) < H(z~*_j)); dH = mean_j (H(z*_j) - H(z~*_j)) (clean "
                     "minus adversarial, the paper's sign), at z[N]; *_state: at the evaluated "
                     "state; success_rate: broken among clean-correct (not the paper's P).",
-                    "One row per attack family at its stored adversarial examples (the paper: "
-                    "avg/min/max over the 144 intermediate attacks on the validation set)."])
+                    "One row per attack family at its stored adversarial examples; the paper's "
+                    "avg/min/max over the individual grid attacks: table6_7_grid."])
+
+
+def table6_7_grid(src) -> pd.DataFrame:
+    """The paper's Tables 6-7 as printed: per (model, defense) the average, minimum and maximum
+    over the grid's (i, Ka, lambda) attacks of P (Eq. 12) and Delta H (Eq. 13), one (P, dH)
+    per setting from its per-example records' ``extra.H`` (the reported forward's prediction
+    entropy at that setting's adversarial example) and ``extra.H_clean`` (at the clean input).
+
+    The entropies are those of the reported forward -- the equilibrium z* for 'final' (the
+    paper's), the evaluated state for others. A setting counts only when it has a record for
+    every example of the entry (grid mode 'full'; 'efficient' skips broken points, which would
+    bias P and dH). Clean-misclassified points are not attacked (x~ = x: 0 to dH, not counted
+    in P) and PGD stops at the first misclassifying iterate, as in :func:`table6_7`."""
+    data = load_run(src)
+    df = data.records
+    rows, partial = [], 0
+    for (mk, dk), g in _groups(df):
+        n = _clean(g).index.nunique()
+        grid = g[(g.attack == "grid") & (g.setting != "worst")]
+        if grid.empty or not n:
+            continue
+        stats = []
+        for name, s in grid.groupby("setting", sort=False):
+            h = s.extra.map(lambda e: e.get("H") if isinstance(e, dict) else None)
+            hc = s.extra.map(lambda e: e.get("H_clean") if isinstance(e, dict) else None)
+            ok = h.notna() & hc.notna()
+            if s.example[ok].nunique() < n:
+                partial += 1
+                continue
+            h, hc = h[ok].to_numpy(float), hc[ok].to_numpy(float)
+            stats.append((name, float(np.mean(hc < h)), float(np.mean(hc - h))))
+        if not stats:
+            continue
+        P = np.array([t[1] for t in stats])
+        dH = np.array([t[2] for t in stats])
+        rows.append({"model": mk, "defense": dk, "state": grid.state.iloc[0],
+                     "settings": len(stats), "n": n,
+                     "P_avg": float(P.mean()), "P_min": float(P.min()), "P_max": float(P.max()),
+                     "dH_avg": float(dH.mean()), "dH_min": float(dH.min()),
+                     "dH_max": float(dH.max()),
+                     "P_min_setting": stats[int(P.argmin())][0],
+                     "dH_min_setting": stats[int(dH.argmin())][0]})
+    out = pd.DataFrame(rows, columns=["model", "defense", "state", "settings", "n", "P_avg",
+                                      "P_min", "P_max", "dH_avg", "dH_min", "dH_max",
+                                      "P_min_setting", "dH_min_setting"])
+    return _finish(out, "Tables 6-7 (as in the paper). P (Eq. 12, %) and Delta H (Eq. 13): "
+                        "average / minimum / maximum over the grid's intermediate-state attacks.",
+                   ["P_avg", "P_min", "P_max"],
+                   ["One P and one dH per (i, Ka, lambda) setting over the entry's examples "
+                    "(the paper: over its validation set with 144 settings); H of the reported "
+                    "forward (z* for 'final'); dH = clean minus adversarial (the paper's sign).",
+                    f"{partial} setting(s) skipped: not every example has a record with "
+                    "entropies (grid mode 'efficient', or a run made before they were stored)."
+                    if partial else ""])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -762,7 +823,8 @@ def table10(bench_dir) -> pd.DataFrame:
 
 TABLES = {"table1": table1, "table2": table2, "table3": table3, "table4": table4_top_settings,
           "table4_autoattack": table4_autoattack,
-          "table5": table5, "table6_7": table6_7, "table8": table8, "table9_10": table9_10}
+          "table5": table5, "table6_7": table6_7, "table6_7_grid": table6_7_grid,
+          "table8": table8, "table9_10": table9_10}
 
 
 def _cell(v, pct: bool) -> str:

@@ -11,6 +11,7 @@ import model_zoo as mz
 from attacks import evaluation as ev
 from attacks.evaluation import (AA_STANDARD_BUDGET, AttackOutcome, autoattack_attack,
                                 derive_seed, grid_attack, obfuscation_flags, pgd_attack,
+                                pgd_attack_steps,
                                 reported_margin, rescore, surrogate_agreement,
                                 setting_name, torchattacks_attack, transfer_matrix)
 from attacks.surrogates import JudgedModule, UnrolledIntermediate, grid_settings
@@ -191,6 +192,34 @@ def test_pgd_costs_determinism_and_batching(deq, deq_data, linear):
     assert bool((ol.queries >= 2).all())  # clean forward + re-scoring at least
 
 
+@pytest.mark.parametrize("batch_size", [256, 3])
+def test_pgd_steps_snapshots_equal_separate_runs(deq, deq_data, batch_size):
+    """One PGD-K run snapshotting after k steps gives exactly PGD-k's outcome (examples,
+    verdicts, margins, per-example f-evaluations), for K itself too, also with internal
+    batches; steps 0 is the random start."""
+    x, y = deq_data
+    jm = _judged(deq)
+    before = deq.f_evals.total
+    many = pgd_attack_steps(jm, x, y, EPS, EPS / 4, (0, 2, 5), seed=3, batch_size=batch_size)
+    spent = deq.f_evals.total - before
+    assert sorted(many) == [0, 2, 5]
+    for k, o in many.items():
+        alone = pgd_attack(jm, x, y, EPS, EPS / 4, steps=k, seed=3, batch_size=batch_size)
+        assert torch.equal(o.x_adv, alone.x_adv), k
+        assert torch.equal(o.correct, alone.correct), k
+        assert torch.allclose(o.margin, alone.margin), k
+        assert torch.allclose(o.nfev_nograd, alone.nfev_nograd), k
+        assert torch.allclose(o.nfev_grad, alone.nfev_grad), k
+        assert o.config["steps"] == k
+    # the steps are paid once: the shared run costs less than the three runs it replaces
+    assert spent < sum(float(o.nfev.sum()) for o in many.values())
+    assert float(many[5].correct.float().mean()) <= float(many[2].correct.float().mean())
+    with pytest.raises(ValueError, match="at least one"):
+        pgd_attack_steps(jm, x, y, EPS, EPS / 4, ())
+    with pytest.raises(ValueError, match="steps"):
+        pgd_attack_steps(jm, x, y, EPS, EPS / 4, (2, -1))
+
+
 def test_pgd_rejects_bad_parameters(deq, deq_data):
     x, y = deq_data
     jm = _judged(deq)
@@ -287,6 +316,19 @@ def test_grid_worst_case_modes_and_broken_by(deq, deq_data):
                for s in settings]
     for si, single in enumerate(singles):
         assert torch.equal(full.per_setting[si].bool(), single.correct), si
+    # per setting, the reported forward's prediction entropy at that setting's adversarial
+    # example (Eqs. 12-13 per grid attack) and at the clean input; NaN where not attacked
+    jm = JudgedModule(deq, rep)
+    with torch.no_grad():
+        h_clean = mz.prediction_entropy(jm.reported_logits(x))
+    assert torch.allclose(full.clean_entropy, h_clean, atol=1e-5)
+    for si, single in enumerate(singles):
+        with torch.no_grad():
+            h = mz.prediction_entropy(jm.reported_logits(single.x_adv))
+        assert torch.allclose(full.entropy[si], h, atol=1e-4), si
+    assert torch.allclose(full.entropy[:, -1], h_clean[-1].expand(S))  # clean-wrong: x~ = x
+    assert bool(torch.isnan(eff.entropy[eff.per_setting < 0]).all())
+    assert not bool(torch.isnan(eff.entropy[eff.per_setting >= 0]).any())
     robust = full.worst.correct
     lowest = torch.stack([o.margin for o in singles]).min(0).values
     assert torch.allclose(full.worst.margin[robust], lowest[robust])

@@ -330,6 +330,21 @@ def test_config_valid_and_file_errors(tmp_path):
     assert load_run_config(good).source == str(good)
 
 
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "configs" / "eval")
+                                         .glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_run_configs_are_valid(path):
+    """Every run config we ship validates and names registered models; the demo's reduced
+    budgets are the ones its header documents."""
+    cfg = load_run_config(path)
+    assert cfg.models and all(m.name in mz.list_models() or m.checkpoint for m in cfg.models)
+    if path.name == "fmnist_zoo_demo.yaml":
+        assert (cfg.data["n"], cfg.shard_size) == (64, 64)
+        assert cfg.attacks["autoattack"]["budget"]["square_n_queries"] == 200
+        assert cfg.attacks["top_settings"] == {"k": 2, "attacks": ["apgd-ce"],
+                                               "budget": {"apgd_n_iter": 20}}
+        assert len(cfg.models) == 6 and sum(len(m.defenses) for m in cfg.models) == 10
+
+
 # ------------------------------------------------------------------------------------------------
 # 2. the database and the summary
 # ------------------------------------------------------------------------------------------------

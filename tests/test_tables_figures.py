@@ -99,11 +99,13 @@ def build_full(path):
         _commit(db, "deq_a", "final", "pgd", pgd, wall=4.0)
         grid = _outcome([1, 0, 0, 1, 1, 1, 1, 0], clean, "final", "worst",
                         final_h=[0.6] * 8, nfev=(300.0, 400.0))
-        for i, ka, lam in SETTINGS:
+        for si, (i, ka, lam) in enumerate(SETTINGS):
             for k, e in enumerate(IDX):
                 c = 0 if (not clean[k] or k in GRID_BREAKS[(i, ka, lam)]) else 1
+                # entropies of setting si: 0.5 + 0.1 si at e0..e3, 0.4 at e4..e7; clean 0.5
+                h = 0.5 + 0.1 * si if k < 4 else 0.4
                 grid.append({"setting": _ui(i, ka, lam), "example": e, "label": 0, "correct": c,
-                             "state": "final"})
+                             "state": "final", "extra": {"H": h, "H_clean": 0.5}})
         _commit(db, "deq_a", "final", "grid", grid, wall=16.0)
         aa_bb = [[], [], [], ["apgd-ce"], [], [], [], ["clean"]]
         _commit(db, "deq_a", "final", "autoattack",
@@ -272,6 +274,20 @@ def test_table6_7_P_and_dH(full_run):
     assert e.success_rate == pytest.approx(0.0)
 
 
+def test_table6_7_grid_statistics_over_settings(full_run):
+    """The paper's Tables 6-7: avg / min / max over the grid settings of one (P, dH) each."""
+    t = T.table6_7_grid(full_run)
+    assert t.defense.tolist() == ["final"]  # early:select's records hold no entropies
+    r = _row(t, defense="final")
+    assert (r.settings, r.n, r.state) == (16, 8, "final")
+    # setting si: P = 4/8 (e0..e3 above 0.5) except si = 0 (0.5, not above: P = 0);
+    # dH = (4 x (-0.1 si) + 4 x 0.1) / 8 = 0.05 - 0.05 si
+    assert (r.P_avg, r.P_min, r.P_max) == pytest.approx((15 * 0.5 / 16, 0.0, 0.5))
+    assert (r.dH_avg, r.dH_min, r.dH_max) == pytest.approx((0.05 - 0.05 * 7.5, -0.70, 0.05))
+    assert r.P_min_setting == _ui(1, 1, 0.5) and r.dH_min_setting == _ui(4, 2, 1.0)
+    assert any("16 setting(s) skipped" in f for f in t.attrs["footnotes"])
+
+
 def test_table4_and_speed(full_run):
     t = T.table4_autoattack(full_run)
     c = _row(t, model="cnn_b")
@@ -285,6 +301,26 @@ def test_table4_and_speed(full_run):
     g = _row(s, model="deq_a", defense="final", attack="grid")
     assert g.setting == "worst" and g.n == 8 and g.f_evals == pytest.approx(700.0)
     assert g.wall_s == pytest.approx(2.0)
+
+
+def test_table4_square_from_the_checks_when_top_settings_ran_without_it(tmp_path):
+    """top_settings with APGD-CE only: Table 4's Square column is the checks' Square (one
+    value per model, labelled), not a second Square run."""
+    path = build_full(tmp_path / "results.sqlite")
+    clean = [1, 1, 1, 1, 1, 1, 1, 0]
+    st = _ui(2, 1, 0.5)
+    with ResultsDB(path) as db:
+        _commit(db, "deq_a", "final", "top_settings",
+                _outcome([1, 0, 0, 0, 1, 1, 1, 0], clean, "final", f"apgd-ce@{st}"))
+        checks = _outcome([1, 1, 0, 1, 1, 1, 1, 0], clean, "final", "square200")
+        checks += _outcome([1, 1, 1, 1, 1, 1, 1, 0], clean, "final", "pgd10")
+        _commit(db, "deq_a", "final", "checks", checks)
+    t = T.table4_top_settings(tmp_path)
+    r = _row(t, model="deq_a", defense="final", setting=st)
+    assert r["apgd-ce"] == pytest.approx(4 / 8)
+    assert r.square == pytest.approx(6 / 8)          # e2 and the clean-wrong e7 broken
+    assert r.pgd == pytest.approx(5 / 8)             # the grid's own record of (2, 1, 0.5)
+    assert any("checks' square200" in f for f in t.attrs["footnotes"])
 
 
 def test_deviation_table_fig3c(full_run):
@@ -401,7 +437,8 @@ def test_transfer_and_tf_r_absent(full_run):
 def test_write_tables_and_figures(full_run, tmp_path):
     paths = T.write_tables(full_run / "results.sqlite", tmp_path / "tables")
     names = {p.name for p in paths}
-    for stem in ("table1", "table2", "table3", "table4", "table5", "table6_7", "table8", "table9_10"):
+    for stem in ("table1", "table2", "table3", "table4", "table5", "table6_7", "table6_7_grid",
+                 "table8", "table9_10"):
         assert f"{stem}.md" in names and f"{stem}.csv" in names
     for p in paths:
         text = p.read_text()
