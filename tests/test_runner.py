@@ -338,10 +338,13 @@ def test_shipped_run_configs_are_valid(path):
     cfg = load_run_config(path)
     assert cfg.models and all(m.name in mz.list_models() or m.checkpoint for m in cfg.models)
     if path.name == "fmnist_zoo_demo.yaml":
-        assert (cfg.data["n"], cfg.shard_size) == (64, 64)
-        assert cfg.attacks["autoattack"]["budget"]["square_n_queries"] == 200
+        assert (cfg.data["n"], cfg.shard_size) == (48, 48)
+        assert cfg.attacks["autoattack"]["budget"] == {
+            "apgd_n_iter": 10, "apgd_t_n_target_classes": 2, "fab_n_iter": 10,
+            "fab_n_target_classes": 2, "square_n_queries": 200}
+        assert cfg.attacks["checks"]["steps"] == 5
         assert cfg.attacks["top_settings"] == {"k": 2, "attacks": ["apgd-ce"],
-                                               "budget": {"apgd_n_iter": 20}}
+                                               "budget": {"apgd_n_iter": 10}}
         assert len(cfg.models) == 6 and sum(len(m.defenses) for m in cfg.models) == 10
 
 
