@@ -51,7 +51,6 @@ test-fast: setup
 # Resumable: run it again after an interruption; a finished run only re-reads its database.
 DEMO_RUN := runs/demo/fmnist_zoo_demo
 demo: setup data
-	$(VENV)/bin/deqbench zoo list
 	$(VENV)/bin/deqbench leaderboard configs/eval/fmnist_zoo_demo.yaml
 	$(VENV)/bin/deqbench tables $(DEMO_RUN)
 	$(VENV)/bin/deqbench figures $(DEMO_RUN)

@@ -249,7 +249,8 @@ def cmd_figures(args):
     from benchmark.figures import main as figures_main
     return figures_main([args.run] + (["--out", args.out] if args.out else [])
                         + (["--formats", args.formats] if args.formats else [])
-                        + [a for p in (args.train_log or []) for a in ("--train-log", p)])
+                        + [a for p in (args.train_log or []) for a in ("--train-log", p)]
+                        + (["--force"] if args.force else []))
 
 
 def cmd_train(args):
@@ -369,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     fg.add_argument("--formats", default=None, help="comma-separated (default png,pdf)")
     fg.add_argument("--train-log", action="append", default=None,
                     help="training log.csv for Fig. 4 (repeatable; default: found from the run)")
+    fg.add_argument("--force", action="store_true",
+                    help="redraw even when RUN/figures holds the figures of the same inputs")
     fg.set_defaults(func=cmd_figures)
 
     at = sub.add_parser("attack", help="attack one model/defense; per-example records (JSON)")

@@ -453,15 +453,63 @@ def find_training_logs(data: RunData) -> list:
 # All figures of a run
 # ---------------------------------------------------------------------------------------------
 
-def write_figures(db_path, out_dir=None, formats=("png", "pdf"), training_logs=None) -> list:
+STAMP = ".figures.json"  # in the output folder: what the drawn figures were made from
+
+
+def _inputs_fingerprint(data: RunData, out: Path, formats, logs) -> str:
+    """SHA-256 over everything the figures depend on: the database's work units (ids and
+    finish times: records are only ever added in whole units), the formats, the training logs
+    (path, size, mtime) and the drawing code (this module and benchmark.tables)."""
+    import sqlite3
+    h = hashlib.sha256()
+    con = sqlite3.connect(f"file:{data.path}?mode=ro", uri=True)
+    try:
+        rows = con.execute("SELECT unit_id, finished FROM units ORDER BY unit_id").fetchall()
+    finally:
+        con.close()
+    h.update(json.dumps([rows, list(formats), str(out.resolve())], default=str).encode())
+    for p in logs:
+        st = Path(p).stat()
+        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode())
+    from benchmark import tables
+    for mod in (sys.modules[__name__], tables):
+        h.update(Path(mod.__file__).read_bytes())
+    import matplotlib
+    h.update(matplotlib.__version__.encode())
+    return h.hexdigest()
+
+
+class _UpToDate(list):
+    """The paths of figures found up to date (not redrawn)."""
+    up_to_date = True
+
+
+def write_figures(db_path, out_dir=None, formats=("png", "pdf"), training_logs=None,
+                  force: bool = False) -> list:
     """Draw every figure the run's data allows into ``out_dir`` (default ``RUN_DIR/figures``) in
     each of ``formats``; skip (without error) those whose data is absent. Also writes
     ``figures.md`` (what was drawn, what was skipped and why).
-    Returns the paths written (figures.md last)."""
+    Returns the paths written (figures.md last).
+
+    When the folder already holds the figures of the same inputs (the database's work units,
+    formats, training logs and drawing code: :func:`_inputs_fingerprint`) and every one of
+    them still exists, nothing is redrawn and their paths are returned (``force`` redraws)."""
     data = load_run(db_path)
     out = Path(out_dir) if out_dir is not None else data.run_dir / "figures"
     out.mkdir(parents=True, exist_ok=True)
     formats = tuple(formats)
+    logs = find_training_logs(data) if training_logs is None else list(training_logs)
+    fp = _inputs_fingerprint(data, out, formats, logs)
+    stamp = out / STAMP
+    if not force and stamp.is_file():
+        try:
+            old = json.loads(stamp.read_text())
+        except (OSError, ValueError):
+            old = {}
+        files = [out / f for f in old.get("files", [])]
+        if old.get("fingerprint") == fp and files and all(f.is_file() for f in files):
+            return _UpToDate(files)
+    stamp.unlink(missing_ok=True)  # an interrupted redraw leaves no stale stamp behind
     written, drawn, skipped = [], [], []
     sacc = setting_accuracies(data)
     t8 = table8(data)
@@ -512,7 +560,6 @@ def write_figures(db_path, out_dir=None, formats=("png", "pdf"), training_logs=N
     else:
         skipped.append(f"Fig. 3c: no {FIG3C_ATTACK} records with per-state deviations "
                        "(extra.deviation; runs made before it was recorded lack it).")
-    logs = find_training_logs(data) if training_logs is None else list(training_logs)
     files = plot_training_curves(logs, out, formats) if logs else []
     if files:
         written += files
@@ -523,7 +570,9 @@ def write_figures(db_path, out_dir=None, formats=("png", "pdf"), training_logs=N
          ["", "## Skipped", ""] + [f"- {s}" for s in skipped]
     notes = out / "figures.md"
     notes.write_text("\n".join(md) + "\n")
-    return written + [notes]
+    written.append(notes)
+    stamp.write_text(json.dumps({"fingerprint": fp, "files": [p.name for p in written]}))
+    return written
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -534,15 +583,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--formats", default="png,pdf", help="comma-separated (default png,pdf)")
     ap.add_argument("--train-log", action="append", default=None,
                     help="training log.csv for Fig. 4 (repeatable; default: found from the config)")
+    ap.add_argument("--force", action="store_true",
+                    help="redraw even when the folder holds the figures of the same inputs")
     args = ap.parse_args(argv)
     try:
         paths = write_figures(args.run, args.out, [f for f in args.formats.split(",") if f],
-                              training_logs=args.train_log)
+                              training_logs=args.train_log, force=args.force)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for p in paths:
         print(p)
+    if getattr(paths, "up_to_date", False):
+        print(f"{len(paths)} figures up to date (same database units, training logs and drawing "
+              "code): not redrawn; --force redraws")
     return 0
 
 

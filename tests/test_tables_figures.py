@@ -497,6 +497,37 @@ def test_missing_data_does_not_crash(tmp_path):
     assert [p.name for p in F.write_figures(tmp_path / "empty", formats=("png",))] == ["figures.md"]
 
 
+def test_figures_are_not_redrawn_for_the_same_inputs(tmp_path):
+    """A second `deqbench figures` on an unchanged run returns the same files without drawing;
+    a new work unit in the database, another format or ``force`` redraws."""
+    db = build_sparse(tmp_path / "run" / "results.sqlite")
+    first = F.write_figures(tmp_path / "run", formats=("png",), training_logs=[])
+    stamps = {p: p.stat().st_mtime_ns for p in first}
+    again = F.write_figures(tmp_path / "run", formats=("png",), training_logs=[])
+    assert again == first and {p: p.stat().st_mtime_ns for p in again} == stamps
+    forced = F.write_figures(tmp_path / "run", formats=("png",), training_logs=[], force=True)
+    assert forced == first and any(p.stat().st_mtime_ns != stamps[p] for p in forced)
+    # a missing file is redrawn
+    first[0].unlink()
+    assert first[0] in F.write_figures(tmp_path / "run", formats=("png",), training_logs=[])
+    assert first[0].is_file()
+    # new records (a grid unit) change the inputs: Fig. 3a appears
+    clean = [1, 1, 1, 1, 1, 1, 1, 0]
+    with ResultsDB(db) as d:
+        grid = _outcome([1, 0, 0, 1, 1, 1, 1, 0], clean, "final", "worst", final_h=[0.6] * 8)
+        for i, ka, lam in SETTINGS:
+            for k, e in enumerate(IDX):
+                c = 0 if (not clean[k] or k in GRID_BREAKS[(i, ka, lam)]) else 1
+                grid.append({"setting": _ui(i, ka, lam), "example": e, "label": 0, "correct": c,
+                             "state": "final"})
+        _commit(d, "deq_a", "final", "grid", grid)
+    names = {p.name for p in F.write_figures(tmp_path / "run", formats=("png",),
+                                             training_logs=[])}
+    assert "fig3a_deq_a__final.png" in names
+    both = F.write_figures(tmp_path / "run", formats=("png", "pdf"), training_logs=[])
+    assert any(p.suffix == ".pdf" for p in both)
+
+
 def test_cli(full_run, tmp_path, capsys):
     assert T.main([str(full_run), "--out", str(tmp_path / "t")]) == 0
     assert (tmp_path / "t" / "table1.md").is_file()
