@@ -446,7 +446,7 @@ def grid_attack(model, reported, x: Tensor, y: Tensor, eps: float, alpha: float,
     clean_correct, clean_logits = _clean_correct(base, x, y, meter, batch_size)
     per = torch.full((S, n), -1, dtype=torch.int8)
     per[:, ~clean_correct.cpu()] = 0
-    clean_h = (_entropy(clean_logits) if n else torch.zeros(0))
+    clean_h = _entropy(clean_logits)
     ent = torch.full((S, n), float("nan"))
     ent[:, ~clean_correct.cpu()] = clean_h[~clean_correct.cpu()]
     margin = torch.full((n,), float("inf"))

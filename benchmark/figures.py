@@ -460,13 +460,11 @@ def _inputs_fingerprint(data: RunData, out: Path, formats, logs) -> str:
     """SHA-256 over everything the figures depend on: the database's work units (ids and
     finish times: records are only ever added in whole units), the formats, the training logs
     (path, size, mtime) and the drawing code (this module and benchmark.tables)."""
-    import sqlite3
+    from benchmark.results_db import ResultsDB
     h = hashlib.sha256()
-    con = sqlite3.connect(f"file:{data.path}?mode=ro", uri=True)
-    try:
-        rows = con.execute("SELECT unit_id, finished FROM units ORDER BY unit_id").fetchall()
-    finally:
-        con.close()
+    with ResultsDB(data.path) as db:
+        units = db.units_frame()
+    rows = sorted(zip(units.unit_id, units.finished.astype(str)))
     h.update(json.dumps([rows, list(formats), str(out.resolve())], default=str).encode())
     for p in logs:
         st = Path(p).stat()
@@ -499,9 +497,10 @@ def write_figures(db_path, out_dir=None, formats=("png", "pdf"), training_logs=N
     out.mkdir(parents=True, exist_ok=True)
     formats = tuple(formats)
     logs = find_training_logs(data) if training_logs is None else list(training_logs)
-    fp = _inputs_fingerprint(data, out, formats, logs)
+    # a RunData built in memory has no database file to fingerprint: always drawn
+    fp = _inputs_fingerprint(data, out, formats, logs) if data.path is not None else None
     stamp = out / STAMP
-    if not force and stamp.is_file():
+    if not force and fp is not None and stamp.is_file():
         try:
             old = json.loads(stamp.read_text())
         except (OSError, ValueError):
@@ -571,7 +570,8 @@ def write_figures(db_path, out_dir=None, formats=("png", "pdf"), training_logs=N
     notes = out / "figures.md"
     notes.write_text("\n".join(md) + "\n")
     written.append(notes)
-    stamp.write_text(json.dumps({"fingerprint": fp, "files": [p.name for p in written]}))
+    if fp is not None:
+        stamp.write_text(json.dumps({"fingerprint": fp, "files": [p.name for p in written]}))
     return written
 
 

@@ -66,7 +66,7 @@ __all__ = [
     "check_robustbench_install",
     "repair_robustbench_install",
     "resnet18",
-    "robustbench_benchmark",
+    "robustbench_benchmark", "OfflineDataError",
     "robustbench_benchmark_local",
     "load_model_info_json",
     "main",
@@ -531,8 +531,28 @@ def import_robustbench() -> types.ModuleType:
     return robustbench
 
 
-def robustbench_benchmark(*args: Any, **kwargs: Any):
+class OfflineDataError(FileNotFoundError):
+    """robustbench would have downloaded a dataset and the caller did not allow it."""
+
+
+def _refuse_torchvision_cifar_download(self) -> None:
+    # torchvision's CIFAR10/CIFAR100.download without the network: files already in place
+    # pass, anything else is a clear error instead of a fetch.
+    if self._check_integrity():
+        return
+    raise OfflineDataError(
+        f"robustbench.benchmark wants to download {type(self).__name__} into {self.root!r}; "
+        "nothing is downloaded unless you ask: put cifar-10-batches-py/ (or "
+        "cifar-100-python/) there, use robustbench_benchmark_local() with images loaded by "
+        "benchmark.data.load_dataset, or pass allow_download=True (needs network)")
+
+
+def robustbench_benchmark(*args: Any, allow_download: bool = False, **kwargs: Any):
     """Thin pass-through to ``robustbench.benchmark`` (robustbench 1.1.1, through the shim).
+
+    ``allow_download=False`` (default): robustbench's CIFAR loader (torchvision, which it calls
+    with ``download=True``) may only read files already in ``data_dir``; a missing dataset
+    raises :class:`OfflineDataError` before any network access. ``True`` lets it download.
 
     Signature there: ``benchmark(model, n_examples=10000, dataset='cifar10', threat_model='Linf',
     to_disk=False, model_name=None, data_dir='./data', corruptions_data_dir=None, device=None,
@@ -552,7 +572,16 @@ def robustbench_benchmark(*args: Any, **kwargs: Any):
             "aa_state_path is broken in robustbench 1.1.1 (it calls .mean() on the bool "
             "robust_flags after the attack) and pyautoattack 0.2.0 cannot resume; pass "
             "aa_state_path=None and resume at the project level.")
-    return import_robustbench().benchmark(*args, **kwargs)
+    rb = import_robustbench()
+    if allow_download:
+        return rb.benchmark(*args, **kwargs)
+    import torchvision.datasets as tvd
+    old = tvd.CIFAR10.download  # CIFAR100 inherits it
+    tvd.CIFAR10.download = _refuse_torchvision_cifar_download
+    try:
+        return rb.benchmark(*args, **kwargs)
+    finally:
+        tvd.CIFAR10.download = old
 
 
 def robustbench_benchmark_local(model, x, y, eps: float, dataset: str = "cifar10",

@@ -370,6 +370,32 @@ def test_robustbench_benchmark_runs_end_to_end_through_the_shim(monkeypatch, tmp
     _close_file_logger(compat._logger_for(str(tmp_path / "aa.log")))
 
 
+def test_robustbench_benchmark_never_downloads_unless_allowed(monkeypatch, tmp_path):
+    """robustbench's own loader calls torchvision with download=True: without allow_download a
+    missing CIFAR-10 is a clear error and no network function is reached; files already in
+    data_dir are used (torchvision's integrity check passes, nothing is fetched)."""
+    import torchvision.datasets.utils as tvu
+    import torchvision.datasets.cifar as tvc
+    compat.import_robustbench()
+    fetched = []
+    monkeypatch.setattr(tvc, "download_and_extract_archive", lambda *a, **k: fetched.append(a))
+    monkeypatch.setattr(tvu, "download_and_extract_archive", lambda *a, **k: fetched.append(a))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)).eval()
+    with pytest.raises(compat.OfflineDataError, match="allow_download=True"):
+        compat.robustbench_benchmark(model, n_examples=2, dataset="cifar10", eps=0.5,
+                                     data_dir=str(tmp_path / "data"), batch_size=2)
+    assert fetched == []
+    import torchvision.datasets as tvd
+    assert tvd.CIFAR10.download is not compat._refuse_torchvision_cifar_download  # restored
+    # allowed: torchvision's own download path is taken (stubbed here: it fetches nothing, so
+    # the dataset is still missing afterwards and torchvision says so)
+    with pytest.raises(RuntimeError, match="not found or corrupted"):
+        compat.robustbench_benchmark(model, n_examples=2, dataset="cifar10", eps=0.5,
+                                     data_dir=str(tmp_path / "data"), batch_size=2,
+                                     allow_download=True)
+    assert len(fetched) == 1
+
+
 def test_robustbench_benchmark_refuses_the_broken_aa_state_path(tmp_path):
     # robustbench 1.1.1 would run the whole attack, then fail on bool_tensor.mean().
     with pytest.raises(NotImplementedError, match="aa_state_path"):
