@@ -1,0 +1,1 @@
+"""Reporting: statistics (intervals, paired tests), claims, per-example export, templates."""
