@@ -699,6 +699,14 @@ class ImageDataset(Dataset):
             )
         if self.indices is None:
             self.indices = torch.arange(len(self.images))
+        # Every loader hands out row-major (N, C, H, W) strides.  IDX images come out of numpy
+        # with the strides of channels_last, (784, 1, 28, 1); with C = 1 torch calls that
+        # "contiguous" (so .contiguous() is a no-op), but a conv then keeps channels_last and a
+        # user model's x.view(x.size(0), -1) fails far from the data.  A row-major copy fixes it.
+        if self.images.stride() != _row_major_strides(self.images.shape):
+            self.images = self.images.clone(memory_format=torch.contiguous_format)
+        if not self.labels.is_contiguous():
+            self.labels = self.labels.contiguous()
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -711,6 +719,14 @@ class ImageDataset(Dataset):
             f"ImageDataset(name={self.info.name!r}, split={self.split!r}, n={len(self)}, "
             f"shape={tuple(self.images.shape[1:])})"
         )
+
+
+def _row_major_strides(shape) -> tuple:
+    strides, acc = [], 1
+    for s in reversed(tuple(shape)):
+        strides.append(acc)
+        acc *= max(int(s), 1)
+    return tuple(reversed(strides))
 
 
 def split_indices(n_train: int, val_size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -803,10 +819,13 @@ def load_dataset(
     )
 
 
-def subset(ds: ImageDataset, n: int, seed: int = 0, stratified: bool = False) -> ImageDataset:
+def subset(ds: ImageDataset, n: int, seed: int = 0, stratified: bool = False,
+           first_n: bool = False) -> ImageDataset:
     """Fixed evaluation subset of ``n`` images of ``ds``.
 
-    The first ``n`` of a seeded permutation (``seed``); with ``stratified=True`` the permutation
+    ``first_n=True``: the first ``n`` images in the split's order (published numbers are
+    usually on the first n test images; ``seed`` and ``stratified`` are then unused).
+    Otherwise the first ``n`` of a seeded permutation (``seed``); with ``stratified=True`` the permutation
     is reordered round-robin over classes, so class counts differ by at most one (where the
     classes have enough images).  Indices are kept in original order; for one seed a smaller
     subset is contained in a larger one.
@@ -814,6 +833,11 @@ def subset(ds: ImageDataset, n: int, seed: int = 0, stratified: bool = False) ->
     total = len(ds)
     if not 0 < int(n) <= total:
         raise DatasetError(f"subset size must be in 1..{total} for {ds!r}, got {n}")
+    if first_n:
+        meta = {**ds.meta, "subset_n": int(n), "subset_first_n": True}
+        assert ds.indices is not None
+        return ImageDataset(ds.images[:int(n)], ds.labels[:int(n)], ds.info, ds.split,
+                            ds.indices[:int(n)], meta)
     perm = np.random.default_rng(seed).permutation(total)
     if stratified:
         lab = ds.labels.numpy()[perm]

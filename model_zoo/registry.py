@@ -91,7 +91,9 @@ def get_entry(name: str) -> ModelEntry:
     except KeyError:
         close = fnmatch.filter(_REGISTRY, f"*{name}*")
         hint = f" Did you mean: {', '.join(sorted(close))}?" if close else ""
-        raise KeyError(f"unknown model {name!r}.{hint} Known: {', '.join(sorted(_REGISTRY))}") from None
+        from .byo import USER_HELP
+        raise KeyError(f"unknown model {name!r}.{hint} Known: {', '.join(sorted(_REGISTRY))}. "
+                       f"To bring your own: {USER_HELP}") from None
 
 
 def list_models(pattern: str = "*") -> list:
@@ -104,6 +106,13 @@ def create(name: str, **overrides) -> nn.Module:
     (see :func:`model_zoo.forward.make_defense`), ``num_classes``."""
     entry = get_entry(name)
     model = entry.factory(**overrides)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"the factory of {name!r} returned {type(model).__name__}, not an nn.Module")
+    if getattr(model, "is_deq", False):
+        # A model that says it is a DEQ gets the DEQ protocol; one that lacks part of it is an
+        # error naming what is missing, never silently a plain classifier.
+        from .protocol import require_deq_protocol
+        require_deq_protocol(model)
     if not hasattr(model, "is_deq"):
         c, h, w = entry.input_shape
         model = CheckedClassifier(model, c, (h, w), entry.num_classes, entry.architecture)
@@ -171,8 +180,9 @@ def _read_state_dict(path: Path, sha256: Optional[str]) -> dict:
 def load_state_dict_checked(model: nn.Module, sd: dict, source: str) -> None:
     """``model.load_state_dict`` with errors that name the file and the offending keys."""
     own = model.state_dict()
-    # A checkpoint of the bare network of a wrapped baseline: accept it under the 'net.' prefix.
-    if isinstance(model, CheckedClassifier) and not set(sd) & set(own):
+    # A checkpoint of the bare network of a wrapped model (a baseline in CheckedClassifier, a
+    # torchdeq DEQ in TorchDEQClassifier): accept it under the 'net.' prefix.
+    if isinstance(getattr(model, "net", None), nn.Module) and not set(sd) & set(own):
         sd = {f"net.{k}": v for k, v in sd.items()}
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -201,6 +211,18 @@ def load(name: str, checkpoint=None, defense=None, device="cpu", sha256: Optiona
     entry = get_entry(name)
     if checkpoint is None:
         path = entry.checkpoint_path()
+        if path is None and entry.extra.get("weights") == "factory":
+            # a user factory that builds its own (e.g. pretrained) weights: identified by the
+            # state_dict hash recorded at registration, checked again here
+            from .byo import state_dict_sha256
+            model = create(name, **overrides)
+            found = state_dict_sha256(model)
+            if entry.sha256 and found != entry.sha256 and not overrides:
+                raise CheckpointError(f"the factory of {name!r} now builds weights with state_dict "
+                                      f"SHA-256 {found}, registered {entry.sha256}")
+            if getattr(model, "is_deq", False):
+                model.set_defense(make_defense(defense if defense is not None else entry.defense))
+            return model.to(device).eval()
         if path is None:
             raise CheckpointError(f"model {name!r} has no registered checkpoint; pass checkpoint=PATH "
                                   f"or use model_zoo.create({name!r}) for an untrained model")
@@ -209,6 +231,8 @@ def load(name: str, checkpoint=None, defense=None, device="cpu", sha256: Optiona
         path = Path(checkpoint)
     model = create(name, **overrides)
     load_state_dict_checked(model, _read_state_dict(path, sha256), str(path))
+    from .scoring import resolve_device
+    device = resolve_device(device)  # 'auto': CUDA when available, else CPU
     if getattr(model, "is_deq", False):
         model.set_defense(make_defense(defense if defense is not None else entry.defense))
     elif defense not in (None, "final"):
