@@ -29,7 +29,6 @@ This module never imports robustbench (the project's single robustbench import p
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import math
 import os
@@ -41,7 +40,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 __all__ = [
     "THREATS", "REQUIRED_FIELDS", "DEQ_FIELDS", "COLUMNS", "FOOTNOTE",
-    "format_eps", "make_entry", "validate_entry", "write_entry", "read_entries", "sort_key", "sort_entries",
+    "CI_KEYS", "format_eps", "make_entry", "defense_words", "paired_sections", "validate_entry", "write_entry", "read_entries", "sort_key", "sort_entries",
     "table_rows", "render", "main",
 ]
 
@@ -62,8 +61,10 @@ REQUIRED_FIELDS = {
     "architecture": (str,),
     "eps": (str, int, float, type(None)),   # RobustBench's own update_json writes a float
     "clean_acc": (str,),
-    "reported": (str, int, float),
 }
+#: Optional RobustBench fields and their JSON types. ``reported`` is the accuracy the source
+#: (paper) reported, a percent string such as "73.27"; absent when the source reported none.
+OPTIONAL_FIELDS = {"reported": (str, int, float)}
 
 #: The keys allowed in ``entry["deq"]`` and what they hold (all optional).
 DEQ_FIELDS = {
@@ -80,7 +81,20 @@ DEQ_FIELDS = {
     "data_source": "where the evaluated examples come from (str)",
     "commit": "git commit of the evaluation code (str)",
     "n_examples": "number of evaluated examples (int >= 1)",
+    "checkpoint": "the weights file that was evaluated (str; 'factory' when user code built the "
+                  "weights)",
+    "weights_sha256": "SHA-256 of the evaluated weights: of the checkpoint file, else of the "
+                      "state_dict (64 hex digits); with the name and defense, the entry's identity",
+    "counts": "robust (correct) examples out of n_examples per accuracy: {'clean': k, 'ALL': k, "
+              "'autoattack': k, ...} (filled by make_entry when n_examples is given)",
+    "ci95": "exact 95% Clopper-Pearson interval per accuracy, percent: {'clean': [lo, hi], "
+            "'ALL': [lo, hi], ...} (filled by make_entry when n_examples is given)",
+    "outcomes": "per-example 0/1 outcomes for paired tests: {'examples': [dataset index, ...], "
+                "'clean': '0110...', 'ALL': '...', '<attack family>': '...'} (str)",
 }
+#: ``deq.counts`` / ``deq.ci95`` key -> the accuracy it belongs to (top-level field or deq field)
+CI_KEYS = {"clean": "clean_acc", "autoattack": "autoattack_acc", "ALL": "worst_case_acc",
+           "min_over_means": "min_over_means_acc", "grid": "grid_worst_case_acc"}
 _DEQ_PERCENT_FIELDS = ("worst_case_acc", "min_over_means_acc", "grid_worst_case_acc",
                        "autoattack_acc")
 _BUDGET_LEVELS = ("standard", "reduced")
@@ -101,8 +115,13 @@ COLUMNS = (
     ("defense", "defense"),
     ("budget", "budget"),
     ("flags", "flags"),
+    ("n", "n"),
 )
-_NUMERIC_COLUMNS = ("rank", "clean", "autoattack", "worst_case", "min_over_means", "f_evals")
+_NUMERIC_COLUMNS = ("rank", "clean", "autoattack", "worst_case", "min_over_means", "f_evals", "n")
+#: accuracy column -> its ``deq.ci95`` key; the Markdown/HTML cell shows "value [lo, hi]", the CSV
+#: gets "<header> 95% CI low" / "... high" columns beside it
+_CI_COLUMNS = {"clean": "clean", "autoattack": "autoattack", "worst_case": "ALL",
+               "min_over_means": "min_over_means"}
 FOOTNOTE = "rendered from the JSON entries in this folder; do not edit by hand"
 OUTPUT_NAMES = {"md": "leaderboard.md", "csv": "leaderboard.csv", "html": "leaderboard.html"}
 
@@ -218,7 +237,8 @@ def _normalize_deq(deq: Optional[dict], autoattack_pct: Optional[str],
 def make_entry(name: str, *, clean_acc: float, autoattack_acc: float,
                worst_case_acc: Optional[float], dataset: str, threat: str, eps: Optional[float],
                architecture: str, number_forward_passes: int, deq: Optional[dict] = None,
-               venue: str = "", authors: str = "", link: str = "", reported: str = "",
+               venue: str = "", authors: str = "", link: str = "",
+               reported: Optional[str] = None,
                additional_data: bool = False, footnote: Optional[str] = None,
                unreliable: bool = False) -> dict:
     """One leaderboard entry (a JSON-ready dict in RobustBench's model_info format + ``deq``).
@@ -257,7 +277,7 @@ def make_entry(name: str, *, clean_acc: float, autoattack_acc: float,
             or number_forward_passes < 1):
         raise ValueError(f"number_forward_passes must be an int >= 1, got {number_forward_passes!r}")
     for what, value in (("venue", venue), ("authors", authors), ("link", link),
-                        ("reported", reported)):
+                        ("reported", "" if reported is None else reported)):
         if not isinstance(value, str):
             raise ValueError(f"{what} must be a string, got {value!r}")
     if not isinstance(additional_data, bool):
@@ -280,10 +300,11 @@ def make_entry(name: str, *, clean_acc: float, autoattack_acc: float,
         "architecture": architecture,
         "eps": eps_str,
         "clean_acc": _percent(clean),
-        "reported": reported,
         _robust_field(threat): robust_pct,
         "threat_model": threat,
     }
+    if reported is not None:
+        entry["reported"] = reported
     if worst_pct is not None and float(worst_pct) < float(robust_pct):
         entry["external"] = worst_pct
     if footnote is not None:
@@ -292,8 +313,44 @@ def make_entry(name: str, *, clean_acc: float, autoattack_acc: float,
         entry["unreliable"] = True
     entry["deq"] = _normalize_deq(deq, robust_pct if threat != "corruptions" else None,
                                   worst_pct)
+    n = entry["deq"].get("n_examples")
+    if n is not None:
+        exact = {"clean": clean, "autoattack": robust, "ALL": worst}
+        counts, cis = _counts_and_intervals(entry, n, exact, strict=True)
+        entry["deq"]["counts"], entry["deq"]["ci95"] = counts, cis
     validate_entry(entry)
     return entry
+
+
+def _counts_and_intervals(entry: dict, n: int, exact: Optional[dict] = None,
+                          strict: bool = False) -> tuple:
+    """({key: k}, {key: [lo %, hi %]}) for every accuracy of ``entry`` (see :data:`CI_KEYS`),
+    with k = round(acc * n): exact when the accuracy is k/n (a percent string with two decimals
+    identifies k uniquely for n <= 10,000). An accuracy that is no multiple of 1/n raises
+    ValueError (``strict``) or gets no interval."""
+    from benchmark.report.stats import clopper_pearson
+    deq = _deq(entry)
+    counts, cis = {}, {}
+    for key, field in CI_KEYS.items():
+        frac = (exact or {}).get(key)
+        if frac is None:
+            value = entry.get(field) if field in ("clean_acc", "autoattack_acc") else deq.get(field)
+            if value is None:
+                continue
+            frac = float(value) / 100.0
+            tol = 0.00005 * n + 1e-9     # a percent string is rounded to 1e-4 (two decimals)
+        else:
+            tol = 1e-6
+        k = int(round(frac * n))
+        if abs(frac * n - k) > tol:
+            if strict:
+                raise ValueError(f"{CI_KEYS[key]} = {frac!r} is not a count out of n_examples = "
+                                 f"{n} (k/n for an integer k)")
+            continue
+        lo, hi = clopper_pearson(k, n)
+        counts[key] = k
+        cis[key] = [round(100 * lo, 2), round(100 * hi, 2)]
+    return counts, cis
 
 
 def _validate_deq(deq: Any, robust_pct: Optional[str], where: str) -> None:
@@ -309,7 +366,11 @@ def _validate_deq(deq: Any, robust_pct: Optional[str], where: str) -> None:
             and float(deq["autoattack_acc"]) != float(robust_pct):
         raise ValueError(f"{where}.autoattack_acc={deq['autoattack_acc']!r} disagrees with the "
                          f"top-level value {robust_pct!r}")
-    for key in ("defense", "evaluated_state", "data_source", "commit"):
+    if "weights_sha256" in deq and not (isinstance(deq["weights_sha256"], str)
+                                        and re.fullmatch(r"[0-9a-f]{64}", deq["weights_sha256"])):
+        raise ValueError(f"{where}.weights_sha256 must be 64 lowercase hex digits, got "
+                         f"{deq['weights_sha256']!r}")
+    for key in ("defense", "evaluated_state", "data_source", "commit", "checkpoint"):
         if key in deq and not isinstance(deq[key], str):
             raise ValueError(f"{where}.{key} must be a string, got {deq[key]!r}")
     if "defense_params" in deq and not isinstance(deq["defense_params"], dict):
@@ -330,6 +391,30 @@ def _validate_deq(deq: Any, robust_pct: Optional[str], where: str) -> None:
             if not isinstance(record, dict) or not isinstance(record.get("flag"), bool):
                 raise ValueError(f"{where}.flags[{flag_name!r}] must be an object with a bool "
                                  f"'flag', got {record!r}")
+    n = deq.get("n_examples")
+    for key in ("counts", "ci95"):
+        if key in deq:
+            if not isinstance(deq[key], dict) or not set(deq[key]) <= set(CI_KEYS):
+                raise ValueError(f"{where}.{key} must be an object with keys among "
+                                 f"{sorted(CI_KEYS)}, got {deq[key]!r}")
+    for name, k in (deq.get("counts") or {}).items():
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0 or (n is not None and k > n):
+            raise ValueError(f"{where}.counts[{name!r}] must be an int in [0, n_examples], got {k!r}")
+    for name, ci in (deq.get("ci95") or {}).items():
+        if (not isinstance(ci, list) or len(ci) != 2 or not all(_is_number(v) for v in ci)
+                or not 0 <= ci[0] <= ci[1] <= 100):
+            raise ValueError(f"{where}.ci95[{name!r}] must be [lo, hi] with 0 <= lo <= hi <= 100 "
+                             f"(percent), got {ci!r}")
+    if "outcomes" in deq:
+        out = deq["outcomes"]
+        ex = out.get("examples") if isinstance(out, dict) else None
+        if not isinstance(ex, list) or not all(isinstance(i, int) for i in ex):
+            raise ValueError(f"{where}.outcomes must hold 'examples': a list of ints")
+        for name, bits in out.items():
+            if name != "examples" and (not isinstance(bits, str) or len(bits) != len(ex)
+                                       or set(bits) - {"0", "1"}):
+                raise ValueError(f"{where}.outcomes[{name!r}] must be a string of 0/1, one per "
+                                 f"example ({len(ex)})")
     if "budget" in deq:
         budget = deq["budget"]
         if (not isinstance(budget, dict) or budget.get("level") not in _BUDGET_LEVELS
@@ -373,6 +458,9 @@ def validate_entry(entry: Any, source: Any = None, *, folder: Optional[Path] = N
         _parse_percent(entry[robust_field], f"field {robust_field!r}")
         if "external" in entry:
             _parse_percent(entry["external"], "field 'external'")
+        for key, types in OPTIONAL_FIELDS.items():
+            if key in entry and (not isinstance(entry[key], types) or isinstance(entry[key], bool)):
+                raise ValueError(f"field {key!r} must be a percent string, got {entry[key]!r}")
         if "footnote" in entry and entry["footnote"] is not None \
                 and not isinstance(entry["footnote"], str):
             raise ValueError(f"field 'footnote' must be a string, got {entry['footnote']!r}")
@@ -523,18 +611,189 @@ def table_rows(entries: Iterable[dict]) -> list[dict]:
             "defense": deq.get("defense"),
             "budget": _budget_text(deq.get("budget")),
             "flags": _flags_text(deq.get("flags")),
+            "n": deq.get("n_examples"),
         })
+        cis = deq.get("ci95")
+        if cis is None and deq.get("n_examples"):
+            cis = _counts_and_intervals(entry, int(deq["n_examples"]))[1]
+        for key, ci_key in _CI_COLUMNS.items():
+            ci = (cis or {}).get(ci_key)
+            rows[-1][key + "_ci"] = tuple(ci) if ci and rows[-1][key] is not None else None
+        rows[-1]["defense_short"], rows[-1]["defense_long"] = defense_words(
+            deq.get("defense"), deq.get("defense_params"), deq.get("evaluated_state"))
     return rows
 
 
-def _cell_text(key: str, value: Any) -> str:
+_ER_DEFAULTS = {"tf": 2, "r": 10}  # EntropyReduction's constructor defaults (model_zoo.forward)
+
+
+def defense_words(defense: Any, params: Any = None, state: Any = None) -> tuple:
+    """A defense as stored (``'final'``, ``'early:select'``, ``'entropy_reduction'``, a JSON dict
+    string or a dict) -> (short words, one sentence), e.g. ``("Sec. 3.2 (Tf=4, R=5)", "Sec. 3.2
+    entropy reduction (Tf=4, R=5) at the final state")``; never raw JSON."""
+    params = params if isinstance(params, dict) else {}
+    d: dict = {}
+    if isinstance(defense, dict):
+        d = dict(defense)
+    elif isinstance(defense, str) and defense.startswith("{"):
+        try:
+            d = json.loads(defense)
+        except ValueError:
+            d = {"name": defense}
+    elif isinstance(defense, str):
+        name, _, arg = defense.partition(":")
+        d = {"name": name, **({"arg": arg} if arg else {})}
+    name = str(d.get("name") or "")
+    if not name or name in ("final", "none"):
+        if state == "output":
+            return "none", "no defense (plain forward)"
+        return "none", "no defense: the final state z* of the fixed-point solve"
+    if name.startswith("early"):
+        idx = params.get("index", d.get("index"))
+        where = f"z[{idx}]" if idx is not None else (state or "an early state")
+        chosen = " chosen on validation data" if d.get("arg") == "select" or "selection" in params \
+            else ""
+        return f"early exit {where}", f"early-state exit: logits of {where}{chosen}"
+    if name == "entropy_reduction":
+        tf = params.get("tf", d.get("tf", _ER_DEFAULTS["tf"]))
+        r = params.get("r", d.get("r", _ER_DEFAULTS["r"]))
+        readout = params.get("readout") if isinstance(params.get("readout"), dict) else {}
+        at = " at the final state" if readout.get("name", "final") == "final" else ""
+        return (f"Sec. 3.2 (Tf={tf}, R={r})",
+                f"Sec. 3.2 entropy reduction (Tf={tf}, R={r}){at}")
+    words = name.replace("_", " ")
+    return words, words
+
+
+def _ci_text(ci: Optional[tuple]) -> str:
+    return "" if ci is None else f"[{ci[0]:.1f}, {ci[1]:.1f}]"
+
+
+def _cell_text(key: str, value: Any, ci: Optional[tuple] = None) -> str:
+    """A cell's text; accuracies with their 95% interval when ``ci`` is given."""
     if value is None:
         return "-"
+    if key in _CI_COLUMNS and ci is not None:
+        return f"{value:.2f} {_ci_text(ci)}"
     if key in ("clean", "autoattack", "worst_case", "min_over_means"):
         return f"{value:.2f}"
     if key == "f_evals":
         return f"{value:g}"
     return str(value)
+
+
+# --------------------------------------------------------------------------------------------
+# paired comparisons (from the entries' per-example outcomes)
+# --------------------------------------------------------------------------------------------
+
+_FAMILY_WORDS = {"pgd": "PGD (final state)", "grid": "intermediate grid (worst case)",
+                 "autoattack": "AutoAttack", "adaptive": "adaptive attacks",
+                 "checks": "obfuscation checks", "top_settings": "APGD at top settings",
+                 "transfer": "transfer", "ALL": "ALL", "clean": "clean"}
+
+
+def _outcome_vector(entry: dict, key: str) -> Optional[dict]:
+    out = _deq(entry).get("outcomes")
+    if not isinstance(out, dict) or key not in out:
+        return None
+    return dict(zip(out["examples"], (int(b) for b in out[key])))
+
+
+def _paired(entry_a: dict, entry_b: dict, key_a: str = "ALL", key_b: Optional[str] = None) -> Optional[dict]:
+    """Paired comparison of two outcome vectors over their COMMON examples; None when either
+    entry has no per-example outcomes (then the two numbers cannot be compared paired)."""
+    from benchmark.report.stats import paired_comparison
+    va, vb = _outcome_vector(entry_a, key_a), _outcome_vector(entry_b, key_b or key_a)
+    if va is None or vb is None:
+        return None
+    common = sorted(set(va) & set(vb))
+    if not common:
+        return None
+    pc = paired_comparison([va[i] for i in common], [vb[i] for i in common])
+    d = pc.to_dict()
+    d["conclusion"] = ("inconclusive at this n" if pc.verdict == "inconclusive"
+                       else "first higher" if pc.diff > 0 else "second higher")
+    return d
+
+
+def paired_sections(entries: Iterable[dict]) -> dict:
+    """The leaderboard's paired comparisons (exact McNemar, Newcombe 95% interval of the
+    difference), each over the examples the two sides share:
+
+    * ``neighbours``: ALL of rank r vs rank r + 1;
+    * ``defense``: ALL (and clean) of a defended entry vs the same model undefended;
+    * ``attacks``: within an entry, every pair of the attack families it holds;
+    * ``matrix``: ALL of every entry vs every other (``names``, ``diff``, ``p``).
+    Rows whose entries carry no ``deq.outcomes`` have ``comparison: None``."""
+    ordered = sort_entries(entries)
+    rank = {e["name"]: i + 1 for i, e in enumerate(ordered)}
+    out: dict = {"neighbours": [], "defense": [], "attacks": [], "matrix": None}
+    for a, b in zip(ordered, ordered[1:]):
+        out["neighbours"].append({"a": a["name"], "b": b["name"], "rank_a": rank[a["name"]],
+                                  "rank_b": rank[b["name"]], "what": "ALL",
+                                  "comparison": _paired(a, b)})
+    by_name = {e["name"]: e for e in ordered}
+    for e in ordered:
+        base, sep, _ = e["name"].partition("+")
+        if not sep or base not in by_name:
+            continue
+        for what in ("ALL", "clean"):
+            out["defense"].append({"a": e["name"], "b": base, "what": what,
+                                   "defense": defense_words(_deq(e).get("defense"),
+                                                            _deq(e).get("defense_params"))[1],
+                                   "comparison": _paired(e, by_name[base], what)})
+    for e in ordered:
+        fams = [k for k in (_deq(e).get("outcomes") or {}) if k not in ("examples", "clean", "ALL")]
+        for i, fa in enumerate(fams):
+            for fb in fams[i + 1:]:
+                out["attacks"].append({"entry": e["name"], "a": fa, "b": fb,
+                                       "comparison": _paired(e, e, fa, fb)})
+    if all(_deq(e).get("outcomes") for e in ordered) and len(ordered) > 1:
+        names = [e["name"] for e in ordered]
+        diff = [[None] * len(names) for _ in names]
+        pv = [[None] * len(names) for _ in names]
+        for i, a in enumerate(ordered):
+            for j, b in enumerate(ordered):
+                if i != j:
+                    c = _paired(a, b)
+                    if c is not None:
+                        diff[i][j], pv[i][j] = c["diff"], c["p"]
+        out["matrix"] = {"names": names, "diff": diff, "p": pv}
+    return out
+
+
+def _comparison_cells(c: Optional[dict]) -> list:
+    """[difference (points), 95% CI, McNemar p, discordant, conclusion] as text."""
+    if c is None:
+        return ["-", "-", "-", "-", "not paired (no per-example outcomes on common examples)"]
+    lo, hi = c["ci95"]
+    return [f"{100 * c['diff']:+.1f}", f"[{100 * lo:+.1f}, {100 * hi:+.1f}]", f"{c['p']:.3g}",
+            f"{c['b']} vs {c['c']} (n={c['n']})", c["conclusion"]]
+
+
+def _description(entries: list[dict], dataset: str, threat: str, eps: str) -> list:
+    """The two lines under the title: what was evaluated, and how to read the numbers."""
+    ns = sorted({_deq(e).get("n_examples") for e in entries if _deq(e).get("n_examples")})
+    levels = sorted({(_deq(e).get("budget") or {}).get("level") for e in entries
+                     if (_deq(e).get("budget") or {}).get("level")})
+    sources = sorted({_deq(e).get("data_source") for e in entries if _deq(e).get("data_source")})
+    n_text = ", ".join(str(n) for n in ns) if ns else "?"
+    line1 = (f"{dataset} test images ({'; '.join(sources) if sources else 'n = ' + n_text}), "
+             f"{threat} threat model, eps = {eps}, n = {n_text} per entry, attack budget: "
+             f"{', '.join(levels) if levels else 'unknown'} (details per row).")
+    resolve = ""
+    if len(ns) == 1:
+        from benchmark.report.stats import resolvable_difference
+        r = resolvable_difference(ns[0])
+        resolve = (f" At n = {ns[0]} one example is {100 / ns[0]:.2f} points, a 50 % accuracy has "
+                   f"a \u00b1{100 * r['half_width']:.1f}-point interval, and two entries differ "
+                   f"significantly only with \u2265 {r['min_discordant']} discordant examples "
+                   f"({100 * r['min_diff']:.1f} points) all one way.")
+    line2 = ("ALL = per-example worst case over every attack run (an example counts only if it "
+             "is correct clean and under every attack); ranks by ALL when lower than AutoAttack "
+             "(RobustBench's external), else AutoAttack. Accuracies in %, with exact 95% "
+             "Clopper-Pearson intervals [lo, hi]." + resolve)
+    return [line1, line2]
 
 
 def _caption(entries: list[dict], folder: Path) -> tuple[str, str, str]:
@@ -552,28 +811,62 @@ def _md_escape(text: str) -> str:
     return text.replace("<", "&lt;").replace(">", "&gt;")
 
 
-def _render_md(rows: list[dict], dataset: str, threat: str, eps: str) -> str:
+def _md_header(key: str, header: str) -> str:
+    return f"{header} [95% CI]" if key in _CI_COLUMNS else header
+
+
+def _md_cell(key: str, row: dict) -> str:
+    if key == "defense":
+        return row["defense_short"]
+    return _cell_text(key, row[key], row.get(key + "_ci"))
+
+
+def _render_md(rows: list[dict], dataset: str, threat: str, eps: str,
+               entries: Optional[list] = None) -> str:
+    entries = entries or []
     lines = [f"# Leaderboard: {_md_escape(dataset)}, {_md_escape(threat)}, eps = {_md_escape(eps)}",
-             "",
-             "Sorted by RobustBench's key: `external` (the per-example worst case over every "
-             "attack run, when lower than AutoAttack) else AutoAttack accuracy. Accuracies in %.",
-             "",
-             "| " + " | ".join(header for _, header in COLUMNS) + " |",
+             "", *[_md_escape(t) + "  " for t in _description(entries, dataset, threat, eps)], "",
+             "| " + " | ".join(_md_header(key, header) for key, header in COLUMNS) + " |",
              "|" + "|".join("---:" if key in _NUMERIC_COLUMNS else "---" for key, _ in COLUMNS)
              + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(_md_escape(_cell_text(key, row[key]))
-                                       for key, _ in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_md_escape(_md_cell(key, row)) for key, _ in COLUMNS)
+                     + " |")
+    sec = paired_sections(entries)
+    head = ("| difference (points) | 95% CI | McNemar p | discordant | conclusion |",
+            "|---:|---|---:|---|---|")
+
+    def table(title, intro, items, label):
+        if not items:
+            return []
+        out = ["", f"## {title}", "", intro, "", "| comparison " + head[0], "|---" + head[1]]
+        for it in items:
+            out.append("| " + _md_escape(label(it)) + " | "
+                       + " | ".join(_md_escape(t) for t in _comparison_cells(it["comparison"])) + " |")
+        return out
+    lines += table("Neighbouring ranks (paired, ALL)",
+                   "Each rank vs the next on the examples both were evaluated on: the difference "
+                   "of ALL, its 95% interval (Newcombe) and the exact McNemar p; "
+                   "\"inconclusive\" = the two cannot be told apart at this n.",
+                   sec["neighbours"], lambda it: f"{it['rank_a']}. {it['a']} vs {it['rank_b']}. {it['b']}")
+    lines += table("Defense vs the same model undefended (paired)",
+                   "A defended forward vs its model's plain final-state entry, same examples.",
+                   sec["defense"], lambda it: f"{it['a']} vs {it['b']} ({it['what']})")
+    lines += table("Attack vs attack within an entry (paired)",
+                   "Robust accuracy under one attack family minus another, same entry and examples "
+                   "(negative: the first attack is stronger).",
+                   sec["attacks"], lambda it: f"{it['entry']}: {_FAMILY_WORDS.get(it['a'], it['a'])} "
+                                              f"vs {_FAMILY_WORDS.get(it['b'], it['b'])}")
     lines += ["", f"_{FOOTNOTE}_", ""]
     return "\n".join(lines)
 
 
 _CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2em;
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 1.2em;
        color: #1b1b1b; }
-table { border-collapse: collapse; font-size: 14px; }
+table { border-collapse: collapse; font-size: 13px; }
 caption { caption-side: top; text-align: left; font-weight: 600; padding: 0 0 .6em 0; }
-th, td { border-bottom: 1px solid #ddd; padding: .35em .7em; text-align: left; }
+th, td { border-bottom: 1px solid #ddd; padding: .3em .45em; text-align: left; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 thead th { background: #f3f3f3; cursor: pointer; user-select: none; white-space: nowrap; }
 thead th:hover { background: #e6e6e6; }
@@ -582,6 +875,18 @@ thead th[aria-sort="descending"]::after { content: " \\25BC"; }
 tbody tr:nth-child(even) { background: #fafafa; }
 tr.unreliable td { color: #999; }
 p.footnote { font-size: 12px; color: #666; margin-top: 1em; }
+h1 { font-size: 20px; margin: 0 0 .3em 0; }
+h2 { font-size: 16px; margin: 1.2em 0 .3em 0; }
+p.description { margin: .2em 0; font-size: 13px; color: #333; max-width: 1300px; }
+td, th { white-space: nowrap; }
+span.ci { color: #666; font-size: 11px; }
+td[data-col="flags"] { max-width: 9em; overflow: hidden; text-overflow: ellipsis; }
+table.paired, table.matrix { font-size: 12px; margin-top: .4em; }
+table.paired th, table.matrix th { cursor: default; }
+tr.inconclusive td { color: #555; }
+td.sig { font-weight: 600; }
+details.paired { margin-top: 1em; font-size: 13px; }
+details.paired summary { cursor: pointer; font-weight: 600; }
 """
 
 # Sorting: click a header (first click: descending for numbers, ascending for text; a second
@@ -671,26 +976,47 @@ _JS = """
   }
   window.addEventListener("hashchange", applyLocation);
   applyLocation();
+  // the rendered width, for the headless test of "no horizontal scroll at 1400 px"
+  document.body.setAttribute("data-scroll-width", String(document.documentElement.scrollWidth));
+  var tallest = 0;
+  Array.prototype.forEach.call(tbody.rows, function (row) {
+    tallest = Math.max(tallest, row.getBoundingClientRect().height);
+  });
+  document.body.setAttribute("data-max-row-height", String(Math.round(tallest)));
   table.setAttribute("data-js", "ready");
 })();
 """
 
 
+TEMPLATE_DIR = Path(__file__).resolve().parent / "report" / "templates"
+_SHORT_HEADERS = {"worst_case": "ALL", "min_over_means": "min-over-means", "f_evals": "f-evals",
+                  "evaluated_state": "state", "architecture": "arch."}
+_HEADER_TITLES = {"worst_case": "worst case over every attack run, per example",
+                  "f_evals": "f_theta evaluations per forward pass",
+                  "n": "number of test examples"}
+
+
 def _render_html(rows: list[dict], entries_by_name: dict, dataset: str, threat: str,
                  eps: str) -> str:
-    esc = lambda value: html.escape(str(value), quote=True)  # noqa: E731
-    head_cells = []
+    """The page, from ``report/templates/leaderboard.html.j2`` (Jinja2, autoescaped): every value
+    is escaped by the template engine; only the page's own CSS and JS are marked safe."""
+    import jinja2
+    from markupsafe import Markup
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
+                             autoescape=True, undefined=jinja2.StrictUndefined,
+                             keep_trailing_newline=True)
+    headers = []
     for key, header in COLUMNS:
         numeric = key in _NUMERIC_COLUMNS
-        default_dir = "desc" if numeric and key != "rank" else "asc"
-        cls = ' class="num"' if numeric else ""
-        kind = "num" if numeric else "text"
-        head_cells.append(
-            f'<th scope="col" tabindex="0" data-col="{esc(key)}" data-type="{kind}" '
-            f'data-default-dir="{default_dir}"{cls}>{esc(header)}</th>')
-    body_rows = []
+        headers.append({"key": key, "kind": "num" if numeric else "text", "numeric": numeric,
+                        "default_dir": "desc" if numeric and key not in ("rank", "n") else "asc",
+                        "text": _SHORT_HEADERS.get(key, header),
+                        "title": _HEADER_TITLES.get(key, header if key in _SHORT_HEADERS else "")})
+    page_rows = []
     for row in rows:
         entry = entries_by_name.get(row["model"], {})
+        deq = _deq(entry)
         cells = []
         for key, _ in COLUMNS:
             value = row[key]
@@ -698,54 +1024,81 @@ def _render_html(rows: list[dict], entries_by_name: dict, dataset: str, threat: 
                                                    else str(value))
             if key == "flags" and value == "-":
                 data_value = ""
-            text = esc(_cell_text(key, value))
-            link = entry.get("link") if key == "model" else None
-            if isinstance(link, str) and re.match(r"^https?://", link):
-                text = f'<a href="{esc(link)}" rel="noopener noreferrer">{text}</a>'
-            cls = ' class="num"' if key in _NUMERIC_COLUMNS else ""
-            cells.append(f'<td data-col="{esc(key)}" data-value="{esc(data_value)}"{cls}>'
-                         f'{text}</td>')
-        attrs = f' data-name="{esc(row["model"])}" data-rank="{row["rank"]}"'
-        if entry.get("unreliable"):
-            attrs += ' class="unreliable"'
-        if entry.get("footnote"):
-            attrs += f' title="{esc(entry["footnote"])}"'
-        body_rows.append(f"      <tr{attrs}>" + "".join(cells) + "</tr>")
-    caption = (f"Dataset: {esc(dataset)} &middot; threat model: {esc(threat)} &middot; "
-               f"eps: {esc(eps)}")
-    return "\n".join([
-        "<!DOCTYPE html>",
-        '<html lang="en">',
-        "<head>",
-        '  <meta charset="utf-8">',
-        '  <meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"  <title>deqbench leaderboard: {esc(dataset)} {esc(threat)}</title>",
-        f"  <style>{_CSS}  </style>",
-        "</head>",
-        "<body>",
-        f'  <table id="leaderboard" data-dataset="{esc(dataset)}" data-threat="{esc(threat)}" '
-        f'data-eps="{esc(eps)}">',
-        f"    <caption>{caption}</caption>",
-        "    <thead>",
-        "      <tr>" + "".join(head_cells) + "</tr>",
-        "    </thead>",
-        "    <tbody>",
-        *body_rows,
-        "    </tbody>",
-        "  </table>",
-        f'  <p class="footnote">Sorted by RobustBench\'s key (external, else AutoAttack); click a '
-        f"column header to sort. Accuracies in %. Note: {esc(FOOTNOTE)}.</p>",
-        f"  <script>{_JS}  </script>",
-        "</body>",
-        "</html>",
-        "",
-    ])
+            cell = {"key": key, "value": data_value, "numeric": key in _NUMERIC_COLUMNS,
+                    "text": _cell_text(key, value), "title": "", "link": None, "ci": ""}
+            if key in _CI_COLUMNS and value is not None:
+                cell["ci"] = _ci_text(row.get(key + "_ci"))
+            if key == "model":
+                base = str(value).partition("+")[0]
+                cell["text"] = base
+                cell["title"] = f"{value}" + (f" ({entry['architecture']})"
+                                              if entry.get("architecture") else "")
+                link = entry.get("link")
+                if isinstance(link, str) and re.match(r"^https?://", link):
+                    cell["link"] = link
+            elif key == "defense":
+                cell["text"] = row["defense_short"]
+                params = deq.get("defense_params")
+                cell["title"] = row["defense_long"] + (
+                    "; parameters: " + json.dumps(params, sort_keys=True) if params else "")
+            elif key == "budget" and value:
+                cell["text"] = str(value).split(" ", 1)[0]
+                cell["title"] = str(value)
+            elif key == "flags":
+                flags = deq.get("flags") or {}
+                cell["title"] = "; ".join(f"{k}: {'RAISED' if v.get('flag') else 'ok'}"
+                                          for k, v in flags.items() if isinstance(v, dict))
+            cells.append(cell)
+        page_rows.append({"name": row["model"], "rank": row["rank"], "cells": cells,
+                          "unreliable": bool(entry.get("unreliable")),
+                          "footnote": entry.get("footnote") or ""})
+    entries = list(entries_by_name.values())
+    sec = paired_sections(entries)
+
+    def items(rows_, label):
+        out = []
+        for it in rows_:
+            cells = _comparison_cells(it["comparison"])
+            out.append({"label": label(it), "cells": cells[:4], "conclusion": cells[4]})
+        return out
+    sections = [
+        {"id": "neighbours", "open": True, "title": "Neighbouring ranks (paired, ALL)",
+         "intro": "Each rank vs the next on the examples both were evaluated on: difference of "
+                  "ALL, its 95% interval (Newcombe) and the exact McNemar p; \u201cinconclusive\u201d "
+                  "= the two cannot be told apart at this n.",
+         "rows": items(sec["neighbours"], lambda it: f"{it['rank_a']}. {it['a']} vs "
+                                                      f"{it['rank_b']}. {it['b']}")},
+        {"id": "defense", "open": True, "title": "Defense vs the same model undefended (paired)",
+         "intro": "A defended forward vs its model's plain final-state entry, same examples.",
+         "rows": items(sec["defense"], lambda it: f"{it['a']} vs {it['b']} ({it['what']})")},
+        {"id": "attacks", "open": False, "title": "Attack vs attack within an entry (paired)",
+         "intro": "Robust accuracy under one attack family minus another, same entry and "
+                  "examples (negative: the first attack is stronger).",
+         "rows": items(sec["attacks"], lambda it: f"{it['entry']}: "
+                                                   f"{_FAMILY_WORDS.get(it['a'], it['a'])} vs "
+                                                   f"{_FAMILY_WORDS.get(it['b'], it['b'])}")},
+    ]
+    matrix = None
+    if sec["matrix"]:
+        m = sec["matrix"]
+        matrix = {"names": m["names"], "rows": [
+            {"name": name, "cells": [
+                {"text": "" if d is None else f"{100 * d:+.1f} (p={p:.2g})",
+                 "sig": p is not None and p < 0.05}
+                for d, p in zip(m["diff"][i], m["p"][i])]}
+            for i, name in enumerate(m["names"])]}
+    return env.get_template("leaderboard.html.j2").render(
+        dataset=dataset, threat=threat, eps=eps, css=Markup(_CSS), js=Markup(_JS),
+        description=_description(entries, dataset, threat, eps), headers=headers,
+        rows=page_rows, footnote=FOOTNOTE, sections=sections, matrix=matrix)
 
 
 def render(folder: os.PathLike | str) -> dict[str, Path]:
     """Read the entries of ``folder`` and write ``leaderboard.md``, ``leaderboard.csv`` (pandas,
-    accuracies as float percents) and ``leaderboard.html`` (one self-contained page: inline CSS
-    and JS, sortable columns) into it.  Returns ``{"md": path, "csv": path, "html": path}``."""
+    accuracies as float percents, each with ``<column> 95% CI low/high`` beside it) and
+    ``leaderboard.html`` (one self-contained page from the Jinja2 template
+    ``report/templates/leaderboard.html.j2``: inline CSS and JS, sortable columns, the paired
+    comparisons below the table) into it.  Returns ``{"md": path, "csv": path, "html": path}``."""
     import pandas as pd
 
     folder = Path(folder)
@@ -754,12 +1107,23 @@ def render(folder: os.PathLike | str) -> dict[str, Path]:
     dataset, threat, eps = _caption(entries, folder)
     paths = {kind: folder / name for kind, name in OUTPUT_NAMES.items()}
 
-    _write_text(paths["md"], _render_md(rows, dataset, threat, eps))
-    frame = pd.DataFrame([[row[key] for key, _ in COLUMNS] for row in rows],
-                         columns=[header for _, header in COLUMNS])
+    _write_text(paths["md"], _render_md(rows, dataset, threat, eps, entries))
+    columns = []
     for key, header in COLUMNS:
-        if key in _NUMERIC_COLUMNS and key != "rank":
+        columns.append((header, [row[key] for row in rows]))
+        if key in _CI_COLUMNS:
+            for j, side in enumerate(("low", "high")):
+                columns.append((f"{header} 95% CI {side}",
+                                [None if row[key + "_ci"] is None else row[key + "_ci"][j]
+                                 for row in rows]))
+    frame = pd.DataFrame(dict(columns))
+    for header, _ in columns:
+        if header not in ("rank", "n") and (header in {h for k, h in COLUMNS if k in _NUMERIC_COLUMNS}
+                                            or "95% CI" in header):
             frame[header] = frame[header].astype(float)
+    frame["n"] = frame["n"].astype("Int64")
+    frame["defense"] = [row["defense_long"] for row in rows]   # words; the stored key beside it
+    frame["defense key"] = [row["defense"] for row in rows]
     _write_text(paths["csv"], frame.to_csv(index=False))
     _write_text(paths["html"], _render_html(rows, {e["name"]: e for e in entries},
                                             dataset, threat, eps))

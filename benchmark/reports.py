@@ -83,6 +83,7 @@ def leaderboard_from_db(db_path, root="leaderboards", render_files: bool = True)
             if mom is not None and mom == mom:
                 deq["min_over_means_acc"] = float(mom)
             g = records[(records.model == r["model"]) & (records.defense == r["defense"])]
+            deq["outcomes"] = _outcomes_field(g)
             flags = {k: v for k, v in (flags_from_records(g) or {}).items() if isinstance(v, dict)}
             if flags:
                 deq["flags"] = flags
@@ -101,6 +102,18 @@ def leaderboard_from_db(db_path, root="leaderboards", render_files: bool = True)
     if render_files and paths:
         render(paths[0].parent)
     return paths
+
+
+def _outcomes_field(g) -> dict:
+    """``deq.outcomes``: the entry's per-example 0/1 vectors (clean, each attack family, ALL) as
+    strings over the dataset indices, so the leaderboard can draw paired tests between entries
+    without the database (:func:`benchmark.leaderboard.paired_sections`)."""
+    from benchmark.report.outcomes import entry_outcomes
+    o = entry_outcomes(g)
+    out = {"examples": [int(i) for i in o.index]}
+    for col in o.columns:
+        out[str(col)] = "".join(str(int(v)) for v in o[col])
+    return out
 
 
 def prune_stale_entries(folder, run_name, keep) -> list:

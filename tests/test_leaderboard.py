@@ -42,8 +42,8 @@ def _three_entries(dataset="fashion_mnist", eps=0.1):
                architecture='MDEQ-tiny <&> "x"',
                deq={"defense": "early-state", "defense_params": {"state": 7},
                     "evaluated_state": "z[7]", "f_evals_per_forward": 8,
-                    "min_over_means_acc": 0.45, "n_examples": 200, "commit": "abc123",
-                    "data_source": "fashion-mnist test subset n=200 seed 0",
+                    "min_over_means_acc": 0.45, "n_examples": 10000, "commit": "abc123",
+                    "data_source": "fashion-mnist test subset n=10000 seed 0",
                     "flags": {"grad_masking": {"flag": True, "ratio": 3.1},
                               "bb_beats_wb": {"flag": False}},
                     "budget": {"level": "reduced", "knobs": {"steps": 20}}}),
@@ -66,7 +66,8 @@ class _RowParser(HTMLParser):
     def __init__(self):
         super().__init__(convert_charrefs=True)
         self.rows, self.table_attrs, self.caption, self.tags = [], {}, "", []
-        self._in_tbody = self._in_caption = False
+        self.body_attrs = {}
+        self._in_tbody = self._in_caption = self._in_table = False
         self._cell = None
 
     def handle_starttag(self, tag, attrs):
@@ -74,6 +75,11 @@ class _RowParser(HTMLParser):
         self.tags.append(tag)
         if tag == "table" and attrs.get("id") == "leaderboard":
             self.table_attrs = attrs
+            self._in_table = True
+        elif tag == "body":
+            self.body_attrs = attrs
+        elif not self._in_table:
+            return
         elif tag == "caption":
             self._in_caption = True
         elif tag == "tbody":
@@ -85,7 +91,9 @@ class _RowParser(HTMLParser):
             self._cell = [attrs.get("data-col"), attrs.get("data-value"), ""]
 
     def handle_endtag(self, tag):
-        if tag == "caption":
+        if tag == "table":
+            self._in_table = False
+        elif tag == "caption":
             self._in_caption = False
         elif tag == "tbody":
             self._in_tbody = False
@@ -249,21 +257,47 @@ def test_render_writes_md_csv_html(tmp_path, capsys):
                      "html": folder / "leaderboard.html"}
     assert all(p.is_file() for p in paths.values())
 
+    from benchmark.report.stats import clopper_pearson
+
     md = paths["md"].read_text().splitlines()
-    header = ("| rank | model | architecture | clean | AutoAttack | worst case (ALL) | "
-              "min-over-means | f-evals/forward | evaluated state | defense | budget | flags |")
+    header = ("| rank | model | architecture | clean [95% CI] | AutoAttack [95% CI] | "
+              "worst case (ALL) [95% CI] | min-over-means [95% CI] | f-evals/forward | "
+              "evaluated state | defense | budget | flags | n |")
     i = md.index(header)
     assert md[i + 1].startswith("|---:|---|")
-    rows = [line for line in md[i + 2:] if line.startswith("|")]
+    rows = [line for line in md[i + 2:] if line.startswith("| ") and " vs " not in line]
+    rows = rows[:3]
     assert [r.split(" | ")[1] for r in rows] == SORTED_NAMES
+    # no n: no interval; deq_z7 (n = 10000): every accuracy with its Clopper-Pearson interval
     assert rows[0] == ("| 1 | deq_z10 | MDEQ-tiny | 87.00 | 52.00 | 50.00 | - | 11.5 | z[10] | "
-                       "entropy | standard | - |")
-    assert rows[2] == ('| 3 | deq_z7 | MDEQ-tiny &lt;&&gt; "x" | 89.12 | 55.00 | 41.00 | 45.00 | '
-                       '8 | z[7] | early-state | reduced (steps=20) | grad_masking |')
-    assert lb.FOOTNOTE in paths["md"].read_text()
+                       "entropy | standard | - | - |")
+
+    def ci(k, n=10000):
+        lo, hi = clopper_pearson(k, n)
+        return f"[{100 * lo:.1f}, {100 * hi:.1f}]"
+    assert rows[2] == (f'| 3 | deq_z7 | MDEQ-tiny &lt;&&gt; "x" | 89.12 {ci(8912)} | '
+                       f'55.00 {ci(5500)} | 41.00 {ci(4100)} | 45.00 {ci(4500)} | '
+                       '8 | z[7] | early exit z[7] | reduced (steps=20) | grad_masking | 10000 |')
+    text = paths["md"].read_text()
+    assert lb.FOOTNOTE in text
+    # the two-line description: dataset, threat model, n, budget level, how ALL is defined
+    assert "Linf threat model, eps = 0.1, n = 10000 per entry, attack budget: reduced, standard" in text
+    assert "ALL = per-example worst case over every attack run" in text
 
     csv = pd.read_csv(paths["csv"])
-    assert list(csv.columns) == [header for _, header in lb.COLUMNS]
+    expected_cols = []
+    for key, head in lb.COLUMNS:
+        expected_cols.append(head)
+        if key in ("clean", "autoattack", "worst_case", "min_over_means"):
+            expected_cols += [f"{head} 95% CI low", f"{head} 95% CI high"]
+    assert list(csv.columns) == expected_cols + ["defense key"]
+    lo, hi = clopper_pearson(8912, 10000)
+    assert csv["clean 95% CI low"][2] == pytest.approx(round(100 * lo, 2))
+    assert csv["clean 95% CI high"][2] == pytest.approx(round(100 * hi, 2))
+    assert math.isnan(csv["clean 95% CI low"][0])
+    assert csv["defense"].tolist() == ["entropy", "no defense: the final state z* of the "
+                                       "fixed-point solve", "early-state exit: logits of z[7]"]
+    assert csv["defense key"].tolist()[2] == "early-state"
     assert csv["model"].tolist() == SORTED_NAMES
     assert csv["rank"].tolist() == [1, 2, 3]
     assert csv["clean"].tolist() == [87.0, 90.0, 89.12]
@@ -281,13 +315,16 @@ def test_render_writes_md_csv_html(tmp_path, capsys):
         assert needle not in html_text.lower(), needle
     assert "<style>" in html_text and "<script>" in html_text
     assert 'MDEQ-tiny <&> "x"' not in html_text                    # escaped
-    assert "MDEQ-tiny &lt;&amp;&gt; &quot;x&quot;" in html_text
+    assert "MDEQ-tiny &lt;&amp;&gt; &#34;x&#34;" in html_text         # Jinja2 autoescape
     page = _parse_html(html_text)
     assert [r["name"] for r in page.rows] == SORTED_NAMES
     assert page.caption == "Dataset: fashion_mnist \u00b7 threat model: Linf \u00b7 eps: 0.1"
     assert lb.FOOTNOTE in html_text
     assert page.rows[2]["cells"]["architecture"] == ('MDEQ-tiny <&> "x"', 'MDEQ-tiny <&> "x"')
-    assert page.rows[2]["cells"]["clean"] == ("89.12", "89.12")
+    assert page.rows[2]["cells"]["clean"] == ("89.12", f"89.12 {ci(8912)}")
+    assert page.rows[0]["cells"]["clean"] == ("87.0", "87.00")
+    assert "<h1>deqbench leaderboard: fashion_mnist, Linf, eps = 0.1</h1>" in html_text
+    assert html_text.count('<p class="description">') >= 2
 
     # CLI
     assert lb.main(["render", str(folder)]) == 0
@@ -431,13 +468,19 @@ def test_html_sorts_in_headless_chromium(tmp_path):
         entry = entries[row["name"]]
         deq = entry["deq"]
         cells = row["cells"]
-        assert cells["model"][1] == entry["name"]
+        assert cells["model"][1] == entry["name"].partition("+")[0]
         assert cells["architecture"][1] == entry["architecture"]
         assert float(cells["clean"][0]) == float(entry["clean_acc"])
-        assert cells["clean"][1] == entry["clean_acc"]
-        assert cells["autoattack"][1] == entry["autoattack_acc"]
-        assert cells["worst_case"][1] == deq["worst_case_acc"]
-        assert cells["min_over_means"][1] == deq.get("min_over_means_acc", "-")
+        cis = deq.get("ci95", {})
+
+        def shown(value, key):
+            ci = cis.get(key)
+            return value if ci is None else f"{value} [{ci[0]:.1f}, {ci[1]:.1f}]"
+        assert cells["clean"][1] == shown(entry["clean_acc"], "clean")
+        assert cells["autoattack"][1] == shown(entry["autoattack_acc"], "autoattack")
+        assert cells["worst_case"][1] == shown(deq["worst_case_acc"], "ALL")
+        assert cells["min_over_means"][1] == shown(deq.get("min_over_means_acc", "-"),
+                                                   "min_over_means")
 
     cases = [
         ("#sort=clean&dir=asc", "clean", "asc", ["deq_z10", "deq_z7", "resnet18_pgd"]),
@@ -465,3 +508,152 @@ def test_html_sorts_in_headless_chromium(tmp_path):
         assert page.table_attrs.get("data-sort-key") == key, suffix
         assert page.table_attrs.get("data-sort-dir") == direction, suffix
         assert [r["name"] for r in page.rows] == expected, suffix
+
+
+# --------------------------------------------------------------------------------------------
+# intervals, paired comparisons, page width
+# --------------------------------------------------------------------------------------------
+
+def test_make_entry_fills_counts_and_clopper_pearson_intervals():
+    from benchmark.report.stats import clopper_pearson
+    e = _entry("deq_n48", 29 / 48, 21 / 48, 20 / 48,
+               deq={"n_examples": 48, "min_over_means_acc": 22 / 48})
+    deq = e["deq"]
+    assert deq["counts"] == {"clean": 29, "autoattack": 21, "ALL": 20, "min_over_means": 22}
+    lo, hi = clopper_pearson(21, 48)
+    assert deq["ci95"]["autoattack"] == [round(100 * lo, 2), round(100 * hi, 2)] == [29.48, 58.82]
+    assert deq["ci95"]["ALL"][0] < 100 * 20 / 48 < deq["ci95"]["ALL"][1]
+    # an accuracy that is no count out of n is refused, naming the field
+    with pytest.raises(ValueError, match=r"clean_acc = 0.5 is not a count out of n_examples = 7"):
+        _entry("bad", 0.5, 3 / 7, None, deq={"n_examples": 7})
+    bad = json.loads(json.dumps(e))
+    bad["deq"]["ci95"]["ALL"] = [60.0, 50.0]
+    with pytest.raises(ValueError, match=r"ci95\['ALL'\] must be \[lo, hi\]"):
+        lb.validate_entry(bad)
+    bad = json.loads(json.dumps(e))
+    bad["deq"]["outcomes"] = {"examples": [1, 2], "ALL": "101"}
+    with pytest.raises(ValueError, match=r"outcomes\['ALL'\] must be a string of 0/1"):
+        lb.validate_entry(bad)
+
+
+def _outcome_entry(name, clean_bits, all_bits, examples=None, defense="final", **fams):
+    n = len(all_bits)
+    examples = examples or list(range(100, 100 + n))
+    k_all, k_clean = all_bits.count("1"), clean_bits.count("1")
+    return _entry(name, k_clean / n, k_all / n, k_all / n,
+                  deq={"n_examples": n, "defense": defense,
+                       "outcomes": {"examples": examples, "clean": clean_bits, "ALL": all_bits,
+                                    **fams}})
+
+
+def test_paired_sections_by_value():
+    # top: 20/24 robust; second: the same except 7 examples only top gets and 2 only second
+    top_all = "1" * 20 + "0" * 4
+    sec_all = "1" * 13 + "0" * 7 + "11" + "00"
+    third = "1" * 13 + "0" * 11            # = second minus its 2: discordant 2 vs 0
+    es = [_outcome_entry("m_a", "1" * 24, top_all, pgd=top_all, grid="1" * 20 + "0" * 4),
+          _outcome_entry("m_b", "1" * 24, sec_all),
+          _outcome_entry("m_b+entropy_reduction", "1" * 24, third, defense="entropy_reduction")]
+    sec = lb.paired_sections(es)
+    n1, n2 = sec["neighbours"]
+    assert (n1["a"], n1["b"], n1["rank_a"], n1["rank_b"]) == ("m_a", "m_b", 1, 2)
+    c = n1["comparison"]
+    assert (c["b"], c["c"], c["n"]) == (7, 2, 24)
+    assert c["diff"] == pytest.approx(5 / 24) and c["p"] == pytest.approx(92 / 512)
+    assert c["conclusion"] == "inconclusive at this n"
+    assert c["ci95"][0] < 0 < c["ci95"][1]
+    assert (n2["comparison"]["b"], n2["comparison"]["c"]) == (2, 0)
+    # defense vs the same model undefended, in words
+    d_all, d_clean = sec["defense"]
+    assert (d_all["a"], d_all["b"], d_all["what"]) == ("m_b+entropy_reduction", "m_b", "ALL")
+    assert d_all["comparison"]["diff"] == pytest.approx(-2 / 24)
+    assert d_all["defense"].startswith("Sec. 3.2 entropy reduction (Tf=2, R=10)")
+    assert d_clean["comparison"]["diff"] == 0 and d_clean["comparison"]["p"] == 1.0
+    # attack vs attack within an entry: pgd vs grid on m_a (4 zeros at the same places)
+    (att,) = sec["attacks"]
+    assert (att["entry"], att["a"], att["b"]) == ("m_a", "pgd", "grid")
+    assert att["comparison"]["diff"] == 0
+    # the matrix is antisymmetric in the difference, symmetric in p
+    m = sec["matrix"]
+    assert m["names"] == ["m_a", "m_b", "m_b+entropy_reduction"]
+    assert m["diff"][0][1] == pytest.approx(-m["diff"][1][0]) and m["p"][0][1] == m["p"][1][0]
+    # a clear gap is called by its direction; only common examples are paired
+    strong = [_outcome_entry("s_a", "1" * 24, "1" * 20 + "0" * 4),
+              _outcome_entry("s_b", "1" * 24, "0" * 24)]
+    assert lb.paired_sections(strong)["neighbours"][0]["comparison"]["conclusion"] == "first higher"
+    shifted = [_outcome_entry("s_a", "1" * 24, "1" * 24),
+               _outcome_entry("s_c", "1" * 24, "0" * 24, examples=list(range(112, 136)))]
+    assert lb.paired_sections(shifted)["neighbours"][0]["comparison"]["n"] == 12
+    # no outcomes: said so, not invented
+    assert lb.paired_sections(_three_entries())["neighbours"][0]["comparison"] is None
+
+
+@pytest.mark.parametrize("defense, params, short", [
+    ("final", None, "none"),
+    ("early:select", {"index": 4, "selection": {}}, "early exit z[4]"),
+    ('{"name": "entropy_reduction", "r": 5, "tf": 4}', None, "Sec. 3.2 (Tf=4, R=5)"),
+    ("entropy_reduction", {"tf": 2, "r": 10, "readout": {"name": "final"}}, "Sec. 3.2 (Tf=2, R=10)"),
+])
+def test_defense_words_never_raw_json(defense, params, short):
+    s, long = lb.defense_words(defense, params)
+    assert s == short
+    assert "{" not in s + long and '"' not in s + long
+
+
+def _committed_like_folder(tmp_path):
+    """The committed leaderboard's entries (ten rows, the longest names) with outcomes."""
+    src = REPO / "leaderboards" / "fashion_mnist-Linf"
+    folder = tmp_path / "fashion_mnist-Linf"
+    folder.mkdir()
+    import random
+    rng = random.Random(0)
+    for p in sorted(src.glob("*.json")):
+        e = json.loads(p.read_text())
+        deq = e["deq"]
+        n = deq["n_examples"]
+        k = round(float(deq["worst_case_acc"]) * n / 100)
+        bits = ["1"] * k + ["0"] * (n - k)
+        rng.shuffle(bits)
+        kc = round(float(e["clean_acc"]) * n / 100)
+        deq["outcomes"] = {"examples": list(range(n)), "ALL": "".join(bits),
+                           "clean": "1" * kc + "0" * (n - kc)}
+        (folder / p.name).write_text(json.dumps(e))
+    return folder
+
+
+def test_html_one_line_per_row_at_1400px_in_headless_chromium(tmp_path):
+    binary = _chromium()
+    if binary is None:
+        pytest.skip("headless Chromium not found; install it with `apt-get install -y chromium`")
+    folder = _committed_like_folder(tmp_path)
+    paths = lb.render(folder)
+    html_text = paths["html"].read_text()
+    assert '{"name"' not in html_text.split("<script>")[0].split('title="')[0]
+    url = paths["html"].resolve().as_uri()
+    profile = tmp_path / "chromium-profile"
+    proc = subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu",
+                           f"--user-data-dir={profile}", "--no-first-run", "--window-size=1400,900",
+                           "--hide-scrollbars", "--dump-dom", url],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    page = _parse_html(proc.stdout)
+    assert page.table_attrs.get("data-js") == "ready"
+    assert len(page.rows) == len(list(folder.glob("*.json"))) >= 10
+    width = int(page.body_attrs["data-scroll-width"])
+    tallest = int(page.body_attrs["data-max-row-height"])
+    assert width <= 1400, f"the page scrolls horizontally at 1400 px: scrollWidth {width}"
+    assert tallest <= 36, f"a row wraps onto several lines: {tallest} px tall"
+    for row in page.rows:   # defenses in words; intervals visible
+        assert "{" not in row["cells"]["defense"][1]
+        assert "[" in row["cells"]["worst_case"][1]
+    shot = tmp_path / "leaderboard.png"
+    proc = subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu",
+                           f"--user-data-dir={profile}", "--no-first-run", "--window-size=1400,900",
+                           "--hide-scrollbars", f"--screenshot={shot}", url],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
+    head = shot.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    assert int.from_bytes(head[16:20], "big") == 1400      # IHDR width
+    if os.environ.get("DEQBENCH_KEEP_SCREENSHOT"):
+        shutil.copy(shot, os.environ["DEQBENCH_KEEP_SCREENSHOT"])
