@@ -657,3 +657,20 @@ def test_html_one_line_per_row_at_1400px_in_headless_chromium(tmp_path):
     assert int.from_bytes(head[16:20], "big") == 1400      # IHDR width
     if os.environ.get("DEQBENCH_KEEP_SCREENSHOT"):
         shutil.copy(shot, os.environ["DEQBENCH_KEEP_SCREENSHOT"])
+
+
+def test_committed_leaderboard_rerenders_identically(tmp_path):
+    """The CI check: the committed leaderboard.md/.csv/.html are exactly what the committed
+    entries render to (nobody edited them by hand, nothing is stale)."""
+    src = REPO / "leaderboards" / "fashion_mnist-Linf"
+    folder = tmp_path / src.name
+    folder.mkdir()
+    for p in src.glob("*.json"):
+        shutil.copy(p, folder / p.name)
+    paths = lb.render(folder)
+    for kind, path in paths.items():
+        assert path.read_text() == (src / path.name).read_text(), \
+            f"{src / path.name} is stale: run python -m benchmark.leaderboard render {src}"
+    for p in src.glob("*.json"):   # every committed accuracy carries n and its interval
+        deq = json.loads(p.read_text())["deq"]
+        assert deq["n_examples"] >= 1 and set(deq["ci95"]) >= {"clean", "autoattack", "ALL"}
