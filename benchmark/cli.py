@@ -245,6 +245,16 @@ def cmd_tables(args):
                        + (["--bench", args.bench] if args.bench else []))
 
 
+def cmd_claims(args):
+    from benchmark.report.claims import main as claims_main
+    return claims_main([args.run] + (["--leaderboard", args.leaderboard] if args.leaderboard else []))
+
+
+def cmd_export(args):
+    from benchmark.report.export import main as export_main
+    return export_main([args.run] + (["--out", args.out] if args.out else []))
+
+
 def cmd_figures(args):
     from benchmark.figures import main as figures_main
     return figures_main([args.run] + (["--out", args.out] if args.out else [])
@@ -373,6 +383,14 @@ def build_parser() -> argparse.ArgumentParser:
     fg.add_argument("--force", action="store_true",
                     help="redraw even when RUN/figures holds the figures of the same inputs")
     fg.set_defaults(func=cmd_figures)
+    cl = sub.add_parser("claims", help="the paper's claims as verdicts: RUN/claims.md + .json")
+    cl.add_argument("run", help="run folder (with results.sqlite) or the .sqlite file")
+    cl.add_argument("--leaderboard", default=None, help="also copy claims.md/.json into this folder")
+    cl.set_defaults(func=cmd_claims)
+    ex = sub.add_parser("export", help="per-example table of a run: RUN/export.csv.gz")
+    ex.add_argument("run", help="run folder (with results.sqlite) or the .sqlite file")
+    ex.add_argument("--out", default=None, help="output file (default RUN/export.csv.gz)")
+    ex.set_defaults(func=cmd_export)
 
     at = sub.add_parser("attack", help="attack one model/defense; per-example records (JSON)")
     at.add_argument("--model", required=True)
