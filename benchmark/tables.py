@@ -354,26 +354,47 @@ def table2(src) -> pd.DataFrame:
     """Table 2 per DEQ (model, defense) -- 'final' and the early-state / other defenses: ready-made
     PGD judged at the evaluated state vs the intermediate-state grid (per-example worst case, and
     min-over-means when every setting covers every example); diff = PGD - grid worst."""
+    from benchmark.report.outcomes import entry_outcomes, grid_setting_outcomes
+    from benchmark.report.stats import paired_comparison
     data = load_run(src)
     t1 = table1(data)
+    groups = dict(_groups(data.records))
     rows = []
     for _, r in t1.iterrows():
         if r.state == "output" or (math.isnan(r.pgd) and math.isnan(r.grid)):
             continue
-        rows.append({"model": r.model, "defense": r.defense, "state": r.state, "n": r.n,
-                     "pgd_final": r.pgd, "inter_worst": r.grid,
-                     "inter_min_over_means": r.min_over_means,
-                     "diff": r.pgd - r.grid if not (math.isnan(r.pgd) or math.isnan(r.grid))
-                     else float("nan")})
+        row = {"model": r.model, "defense": r.defense, "state": r.state, "n": r.n,
+               "pgd_final": r.pgd, "inter_worst": r.grid,
+               "inter_min_over_means": r.min_over_means,
+               "diff": r.pgd - r.grid if not (math.isnan(r.pgd) or math.isnan(r.grid))
+               else float("nan")}
+        # the paired test of the claim: PGD vs the best SINGLE setting, same examples
+        g = groups[(r.model, r.defense)]
+        o = entry_outcomes(g)
+        wide = grid_setting_outcomes(g, o.index)
+        if "pgd" in o and len(wide.columns) and not wide.isna().any().any():
+            best = wide.mean().idxmin()
+            pc = paired_comparison(o["pgd"].to_numpy(), wide[best].astype(int).to_numpy())
+            row.update({"best_setting": best, "pgd_minus_best": pc.diff,
+                        "diff_ci_lo": pc.ci95[0], "diff_ci_hi": pc.ci95[1], "mcnemar_p": pc.p,
+                        "conclusion": "inconclusive at this n" if pc.verdict == "inconclusive"
+                        else ("intermediate stronger" if pc.diff > 0 else "PGD stronger")})
+        rows.append(row)
     out = pd.DataFrame(rows, columns=["model", "defense", "state", "n", "pgd_final",
-                                      "inter_worst", "inter_min_over_means", "diff"])
+                                      "inter_worst", "inter_min_over_means", "diff",
+                                      "best_setting", "pgd_minus_best", "diff_ci_lo",
+                                      "diff_ci_hi", "mcnemar_p", "conclusion"])
     return _finish(out, "Table 2. Ready-made PGD (phantom gradient at z[N]) vs the intermediate "
                         "attacks at z[i] (%), judged at each defense's evaluated state.",
-                   ["pgd_final", "inter_worst", "inter_min_over_means", "diff"],
+                   ["pgd_final", "inter_worst", "inter_min_over_means", "diff",
+                    "pgd_minus_best", "diff_ci_lo", "diff_ci_hi"],
                    ["inter_worst: per-example worst case over the grid settings run (never above "
                     "the paper's INTER., the min over per-setting accuracies); "
                     "inter_min_over_means: the paper's INTER., NaN in efficient grid mode.",
-                    "diff = pgd_final - inter_worst (percentage points)."] +
+                    "diff = pgd_final - inter_worst (percentage points; >= 0 by "
+                    "construction, so not a test). The paired test: pgd_minus_best = PGD minus the "
+                    "best single setting (chosen on these examples) with Newcombe's 95% interval "
+                    "[diff_ci_lo, diff_ci_hi] and the exact McNemar p."] +
                    [f for f in t1.attrs.get("footnotes", []) if "unfinished" in f])
 
 
@@ -837,17 +858,61 @@ def _cell(v, pct: bool) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
+#: percent columns that are not a count out of n (differences, averages, other denominators)
+NOT_PROPORTIONS = ("diff", "pgd_minus_best", "diff_ci_lo", "diff_ci_hi", "success_rate", "P_avg")
+
+
+def _interval(v, n) -> Optional[tuple]:
+    """The Clopper-Pearson 95% interval of v = k/n (None unless v is a count out of n)."""
+    from benchmark.report.stats import clopper_pearson
+    try:
+        v, n = float(v), int(n)
+    except (TypeError, ValueError):
+        return None
+    if not (v == v) or n <= 0 or abs(v * n - round(v * n)) > 1e-6:
+        return None
+    return clopper_pearson(int(round(v * n)), n)
+
+
+def ci_columns(df: pd.DataFrame) -> list:
+    """The accuracy columns of a table that get a 95% interval: its percent columns that are
+    proportions over the row's ``n`` (tables without ``n`` get none)."""
+    if "n" not in df.columns:
+        return []
+    return [c for c in df.attrs.get("percent", []) if c not in NOT_PROPORTIONS]
+
+
 def to_markdown(df: pd.DataFrame) -> str:
-    """A GitHub Markdown table (percent columns as ``12.34``), without ``tabulate``."""
+    """A GitHub Markdown table (percent columns as ``12.34``, accuracies over ``n`` as
+    ``12.34 [lo, hi]`` with their exact 95% interval), without ``tabulate``."""
     pct = set(df.attrs.get("percent", []))
+    cis = set(ci_columns(df))
     cols = [str(c) for c in df.columns]
-    head = [f"{c} (%)" if c in pct else c for c in cols]
+    head = [f"{c} (%) [95% CI]" if c in cis else (f"{c} (%)" if c in pct else c) for c in cols]
     lines = ["| " + " | ".join(head) + " |",
              "|" + "|".join("---:" if pd.api.types.is_numeric_dtype(df[c]) else "---"
                             for c in df.columns) + "|"]
     for _, r in df.iterrows():
-        lines.append("| " + " | ".join(_cell(r[c], str(c) in pct) for c in df.columns) + " |")
+        cells = []
+        for c in df.columns:
+            text = _cell(r[c], str(c) in pct)
+            ci = _interval(r[c], r["n"]) if str(c) in cis and text else None
+            cells.append(text if ci is None else f"{text} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def with_interval_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """The table with ``<col>_ci95_lo`` / ``<col>_ci95_hi`` (fractions) after each accuracy
+    column of :func:`ci_columns` (for the CSV files)."""
+    out = df.copy()
+    for c in reversed(ci_columns(df)):
+        lo = [(_interval(v, n) or (float("nan"),) * 2)[0] for v, n in zip(df[c], df["n"])]
+        hi = [(_interval(v, n) or (float("nan"),) * 2)[1] for v, n in zip(df[c], df["n"])]
+        pos = list(out.columns).index(c) + 1
+        out.insert(pos, f"{c}_ci95_lo", lo)
+        out.insert(pos + 1, f"{c}_ci95_hi", hi)
+    return out
 
 
 def _write(path: Path, text: str) -> Path:
@@ -886,9 +951,12 @@ def write_tables(db_path, out_dir=None, bench_dir=None) -> list:
             md = cap + "\n\n" + to_markdown(df) + "\n"
             if df.attrs.get("appendix"):
                 md += "\n" + df.attrs["appendix"] + "\n"
+            if ci_columns(df):
+                notes = list(notes) + ["[lo, hi]: exact 95% Clopper-Pearson interval of the "
+                                       "accuracy over the row's n examples."]
             if notes:
                 md += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
-            csv = f"# {cap}\n" + df.to_csv(index=False)
+            csv = f"# {cap}\n" + with_interval_columns(df).to_csv(index=False)
         written.append(_write(out / f"{name}.md", md))
         written.append(_write(out / f"{name}.csv", csv))
     return written

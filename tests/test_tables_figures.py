@@ -446,10 +446,28 @@ def test_write_tables_and_figures(full_run, tmp_path):
         assert "deq_a" in text and "cnn_b" in text
     assert "not in this run" in (tmp_path / "tables" / "table3.md").read_text().lower()
     md1 = (tmp_path / "tables" / "table1.md").read_text()
-    assert "| deq_a | final | final | 8 | 87.50 | 75.00 | 62.50 | 75.00 |" in md1
+    from benchmark.report.stats import clopper_pearson
+
+    def acc(k):   # "value [lo, hi]": the exact 95% interval of k/8
+        lo, hi = clopper_pearson(k, 8)
+        return f"{100 * k / 8:.2f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+    assert (f"| deq_a | final | final | 8 | {acc(7)} | {acc(6)} | {acc(5)} | {acc(6)} |"
+            in md1)
+    assert "clean (%) [95% CI]" in md1 and "exact 95% Clopper-Pearson interval" in md1
     import pandas as pd
     back = pd.read_csv(tmp_path / "tables" / "table1.csv", comment="#")
     assert back.ALL.tolist() == pytest.approx([3 / 8, 6 / 8, 3 / 8])
+    lo, hi = clopper_pearson(3, 8)
+    assert (back.ALL_ci95_lo[0], back.ALL_ci95_hi[0]) == pytest.approx((lo, hi))
+    cols = list(back.columns)
+    assert cols[cols.index("ALL") + 1: cols.index("ALL") + 3] == ["ALL_ci95_lo", "ALL_ci95_hi"]
+    # Table 2's paired test: PGD vs the best single setting (deq_a final: PGD 6/8; the best
+    # setting breaks 2 of 7 clean-correct -> 5/8; discordant 2 vs 1 -> p = 1)
+    t2 = pd.read_csv(tmp_path / "tables" / "table2.csv", comment="#")
+    r = t2[(t2.model == "deq_a") & (t2.defense == "final")].iloc[0]
+    assert r.pgd_minus_best == pytest.approx(6 / 8 - 5 / 8)
+    assert r.mcnemar_p == pytest.approx(1.0) and r.conclusion == "inconclusive at this n"
+    assert r.diff_ci_lo < 0 < r.diff_ci_hi
 
     log = tmp_path / "train" / "log.csv"
     log.parent.mkdir()
