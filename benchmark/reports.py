@@ -87,15 +87,21 @@ def leaderboard_from_db(db_path, root="leaderboards", render_files: bool = True)
             flags = {k: v for k, v in (flags_from_records(g) or {}).items() if isinstance(v, dict)}
             if flags:
                 deq["flags"] = flags
-            e = make_entry(entry_name(r["model"], r["defense"]), clean_acc=float(r["clean"]),
+            ident = _identity(db, cfg, r["model"], entry)
+            deq["checkpoint"], deq["weights_sha256"] = ident["checkpoint"], ident["sha256"]
+            meta = ident["metadata"]
+            e = make_entry(_entry_name(ident["name"], r["defense"], entry),
+                           clean_acc=float(r["clean"]),
                            autoattack_acc=float(aa), worst_case_acc=float(r["ALL"]),
                            dataset=ds.get("name") or entry.dataset, threat="Linf",
                            eps=float(cfg["threat"]["eps"]), architecture=entry.architecture,
                            number_forward_passes=1, deq=deq, venue=entry.venue or "",
-                           reported=entry.paper or "", link="",
-                           footnote=f"deqbench run {cfg.get('name')}; training: {entry.training}"
+                           authors=meta.get("authors") or "", link=meta.get("link") or "",
+                           reported=meta.get("reported"),
+                           footnote=f"deqbench run {cfg.get('name')}; {ident['footnote']}"
                                     + ("; AutoAttack not run on this entry: autoattack_acc is "
                                        "the worst case of the attacks run" if aa_missing else ""))
+            _check_identity(Path(root), e, entry)
             paths.append(write_entry(e, root))
     if paths:
         prune_stale_entries(paths[0].parent, cfg.get("name"), keep=paths)
@@ -147,6 +153,80 @@ def _defense_params(db: ResultsDB, model: str, defense: str):
         if isinstance(d, dict):
             return {k: v for k, v in d.items() if k != "name"}
     return None
+
+
+def _identity(db: ResultsDB, cfg: dict, key: str, entry) -> dict:
+    """What was evaluated under model key ``key``: the weights' SHA-256 and file, the entry's
+    base name, a truthful footnote and the RobustBench metadata.
+
+    A checkpoint other than the zoo entry's (different SHA-256) evaluated under the zoo name
+    gets its own name, ``<name>-<first 8 hex digits>``, so it never replaces the zoo model's
+    entry; its training is "not stated" unless the config says (user models)."""
+    spec = next((m for m in cfg.get("models", []) if (m.get("label") or m["name"]) == key), {})
+    sha = (db.get_meta("weights") or {}).get(key)
+    if spec.get("checkpoint"):
+        ckpt = str(spec["checkpoint"])
+    elif entry.checkpoint_path() is not None:
+        p = entry.checkpoint_path()
+        try:
+            ckpt = str(p.relative_to(Path.cwd()))
+        except ValueError:
+            ckpt = str(p)
+    else:
+        ckpt = "factory" if entry.extra.get("weights") == "factory" else "none (untrained)"
+    user = bool(entry.extra.get("user_model"))
+    zoo_weights = bool(entry.sha256) and sha == entry.sha256
+    name = key
+    if user or zoo_weights:
+        training = entry.training
+    elif entry.sha256 is None and not spec.get("checkpoint"):
+        training = "untrained"
+    else:
+        training = "not stated (not the zoo's checkpoint)"
+        if not spec.get("label") and entry.sha256:
+            name = f"{key}-{(sha or 'unknown')[:8]}"
+    short = (sha or "unknown")[:12]
+    foot = f"weights {Path(ckpt).name if ckpt not in ('factory',) else 'built by the factory'}" \
+           f" (sha256 {short}); training: {training}"
+    if entry.paper:
+        foot += f"; paper: {entry.paper}"
+    meta = {k: entry.extra.get(k) for k in ("authors", "link", "reported")}
+    return {"name": name, "sha256": sha if isinstance(sha, str) and len(sha) == 64 else None,
+            "checkpoint": ckpt, "footnote": foot, "metadata": meta}
+
+
+def _entry_name(name: str, defense: str, entry) -> str:
+    """The model's own default forward (a user DEQ's, e.g. torchdeq's h(z*)) is its plain name."""
+    from benchmark.run_config import defense_text
+    from model_zoo.forward import make_defense
+    if defense == defense_text(entry.defense):
+        return name
+    try:
+        same = make_defense(json.loads(defense) if defense.startswith("{") else defense).config() \
+            == make_defense(entry.defense).config()
+    except (ValueError, TypeError):
+        same = False
+    return name if same else entry_name(name, defense)
+
+
+def _check_identity(root: Path, new: dict, entry) -> None:
+    """Refuse to replace an entry of other weights under the same name (a name is one model):
+    allowed only when the new weights are the registered zoo weights of that name."""
+    path = root / f"{new['dataset']}-{new.get('threat_model', 'Linf')}" / f"{new['name']}.json"
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    old_sha = (old.get("deq") or {}).get("weights_sha256")
+    new_sha = new["deq"].get("weights_sha256")
+    if old_sha and new_sha and old_sha != new_sha and new_sha != entry.sha256:
+        raise ValueError(
+            f"{path} is the entry of {new['name']} with weights "
+            f"{(old.get('deq') or {}).get('checkpoint')} (sha256 {old_sha[:12]}); this run "
+            f"evaluated other weights, {new['deq'].get('checkpoint')} (sha256 {new_sha[:12]}), "
+            "under the same name: give the model its own name (label:) or remove the old entry")
 
 
 def _base_name(cfg: dict, key: str) -> str:

@@ -48,7 +48,12 @@ RESERVED_METADATA = {
 
 
 class UserModelError(ValueError):
-    """A user model spec that cannot be resolved, loaded or registered (one-line message)."""
+    """A user model spec that cannot be resolved, loaded or registered (one-line message);
+    ``key``: the spec's key at fault (factory, checkpoint, sha256, name, or a metadata key)."""
+
+    def __init__(self, message: str, key: str = "factory"):
+        super().__init__(message)
+        self.key = key
 
 
 def import_factory(spec: str, base: Optional[Path] = None) -> Callable[..., nn.Module]:
@@ -110,7 +115,7 @@ def _check_sha(value, key: str) -> Optional[str]:
     if value is None:
         return None
     if not isinstance(value, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", value):
-        raise UserModelError(f"{key}: must be a 64-digit hex SHA-256, got {value!r}")
+        raise UserModelError(f"{key}: must be a 64-digit hex SHA-256, got {value!r}", key)
     return value.lower()
 
 
@@ -118,14 +123,15 @@ def register_user_model(name: str, factory: Callable[..., nn.Module], *, dataset
                         input_shape, num_classes: int = 10, kwargs: Optional[dict] = None,
                         checkpoint=None, sha256: Optional[str] = None,
                         architecture: Optional[str] = None, source: str = "",
-                        defense="final", **metadata) -> ModelEntry:
+                        defense=None, **metadata) -> ModelEntry:
     """Register a model built by user code; returns its :class:`ModelEntry`.
 
     ``factory(**kwargs)`` builds the module (a plain classifier, or a model satisfying the DEQ
     protocol, e.g. a :class:`~model_zoo.torchdeq_adapter.TorchDEQClassifier`).  ``checkpoint``:
     weights to load (verified against ``sha256`` when given; a mismatch is an error).  Without
     a checkpoint the factory's own weights are evaluated and identified by their state_dict hash.
-    ``metadata``: the keys of :data:`RESERVED_METADATA`.
+    ``metadata``: the keys of :data:`RESERVED_METADATA`.  ``defense``: the default forward of
+    a DEQ (default: the model's own, ``model.defense``).
 
     Identity: a zoo model's name with other weights is refused (naming both); the same name
     registered again by user code with other weights replaces the earlier user entry.
@@ -133,10 +139,10 @@ def register_user_model(name: str, factory: Callable[..., nn.Module], *, dataset
     unknown = set(metadata) - set(RESERVED_METADATA)
     if unknown:
         raise UserModelError(f"unknown model metadata {sorted(unknown)[0]!r} "
-                             f"(known: {sorted(RESERVED_METADATA)})")
+                             f"(known: {sorted(RESERVED_METADATA)})", sorted(unknown)[0])
     for k, v in metadata.items():
         if v is not None and not isinstance(v, str):
-            raise UserModelError(f"{k}: must be a string, got {v!r}")
+            raise UserModelError(f"{k}: must be a string, got {v!r}", k)
     rep = metadata.get("reported")
     if rep is not None:
         try:
@@ -145,31 +151,38 @@ def register_user_model(name: str, factory: Callable[..., nn.Module], *, dataset
             ok = False
         if not ok:
             raise UserModelError(f"reported: the accuracy the source reported, a percent string "
-                                 f"such as '73.27', got {rep!r}")
+                                 f"such as '73.27', got {rep!r}", "reported")
     kwargs = dict(kwargs or {})
     sha256 = _check_sha(sha256, "sha256")
+    try:
+        probe = factory(**kwargs)
+    except Exception as e:
+        raise UserModelError(f"factory of {name!r} failed: {type(e).__name__}: {e}") from None
+    if not isinstance(probe, nn.Module):
+        raise UserModelError(f"factory of {name!r} returned {type(probe).__name__}, "
+                             "not a torch.nn.Module")
+    if defense is None:
+        # a DEQ's own forward (e.g. torchdeq's h(z*)) is its default: 'final' when it is the
+        # harness's FinalState(), else its config
+        from .forward import make_defense
+        d = getattr(probe, "defense", None) if getattr(probe, "is_deq", False) else None
+        defense = "final" if d is None or d.config() == make_defense("final").config() \
+            else d.config()
     if checkpoint is not None:
         path = Path(checkpoint).expanduser().resolve()
         if not path.is_file():
-            raise UserModelError(f"checkpoint: file not found: {checkpoint}")
+            raise UserModelError(f"file not found: {checkpoint}", "checkpoint")
         found = sha256_file(path)
         if sha256 and found != sha256:
             raise UserModelError(f"checkpoint {path} has SHA-256 {found}, the config says "
-                                 f"{sha256}: wrong or corrupt file")
+                                 f"{sha256}: wrong or corrupt file", "sha256")
         sha256, weights = found, "checkpoint"
     else:
         path = None
-        try:
-            probe = factory(**kwargs)
-        except Exception as e:
-            raise UserModelError(f"factory of {name!r} failed: {type(e).__name__}: {e}") from None
-        if not isinstance(probe, nn.Module):
-            raise UserModelError(f"factory of {name!r} returned {type(probe).__name__}, "
-                                 "not a torch.nn.Module")
         found = state_dict_sha256(probe)
         if sha256 and found != sha256:
             raise UserModelError(f"the weights built by the factory of {name!r} have state_dict "
-                                 f"SHA-256 {found}, the config says {sha256}")
+                                 f"SHA-256 {found}, the config says {sha256}", "sha256")
         sha256, weights = found, "factory"
     old = _REGISTRY.get(name)
     if old is not None and not old.extra.get("user_model"):
@@ -177,7 +190,7 @@ def register_user_model(name: str, factory: Callable[..., nn.Module], *, dataset
             raise UserModelError(
                 f"model name {name!r} is the zoo's ({old.checkpoint or 'untrained architecture'}, "
                 f"SHA-256 {old.sha256 or 'none'}); these weights ({path or 'from the factory'}, "
-                f"SHA-256 {sha256}) are another model: give it its own name")
+                f"SHA-256 {sha256}) are another model: give it its own name", "name")
         return old  # the zoo's own weights under the zoo's name
     built_kwargs = kwargs
 
@@ -188,7 +201,8 @@ def register_user_model(name: str, factory: Callable[..., nn.Module], *, dataset
 
     entry = ModelEntry(
         name=name, factory=make, dataset=dataset, input_shape=tuple(input_shape),
-        num_classes=int(num_classes), architecture=architecture or "custom",
+        num_classes=int(num_classes),
+        architecture=architecture or getattr(probe, "architecture", None) or type(probe).__name__,
         training=metadata.get("training") or "not stated",
         checkpoint=None if path is None else str(path), sha256=sha256,
         paper=metadata.get("paper") or "", venue=metadata.get("venue") or "", defense=defense,

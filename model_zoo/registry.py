@@ -216,7 +216,7 @@ def load(name: str, checkpoint=None, defense=None, device="cpu", sha256: Optiona
             # state_dict hash recorded at registration, checked again here
             from .byo import state_dict_sha256
             model = create(name, **overrides)
-            found = state_dict_sha256(model)
+            found = state_dict_sha256(model.net if isinstance(model, CheckedClassifier) else model)
             if entry.sha256 and found != entry.sha256 and not overrides:
                 raise CheckpointError(f"the factory of {name!r} now builds weights with state_dict "
                                       f"SHA-256 {found}, registered {entry.sha256}")

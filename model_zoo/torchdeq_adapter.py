@@ -231,6 +231,18 @@ class TorchDEQClassifier(nn.Module):
         mod = {"f": self.cell_module, "head": self.head_module, None: self.net}[part]
         return sum(p.numel() for p in mod.parameters())
 
+    def __deepcopy__(self, memo):
+        # torchdeq's weight norm leaves a computed (non-leaf) `weight` after a forward with
+        # gradients, which torch refuses to deepcopy: recompute it without a graph first.
+        import copy
+        with torch.no_grad():
+            self.reset_norm()
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            object.__setattr__(new, k, copy.deepcopy(v, memo))
+        return new
+
     # checkpoints of the bare user module load too --------------------------------------------
     def load_state_dict(self, state_dict, strict: bool = True, **kw):
         if state_dict and not any(k.startswith("net.") for k in state_dict):

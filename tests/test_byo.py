@@ -204,3 +204,227 @@ def test_torchdeq_adapter_runs_the_deq_protocol(tdeq, fmnist_test):
     sel = select_early_state(model, fmnist_test.images[100:116], fmnist_test.labels[100:116],
                              0.1, 0.025, 2)
     assert 1 <= sel.index <= 8
+
+
+# ---------------------------------------------------------------------------------------------
+# user code -> leaderboard entry: benchmark() and a config + `deqbench leaderboard`
+# ---------------------------------------------------------------------------------------------
+
+RB_KEYS = {"link", "name", "authors", "additional_data", "number_forward_passes", "dataset",
+           "venue", "architecture", "eps", "clean_acc", "reported", "autoattack_acc"}
+
+
+def _published_entry():
+    """The model_info entry RobustBench documents (robustbench/leaderboard/template.py)."""
+    import re
+    from model_zoo import compat
+    compat.import_robustbench()
+    from robustbench.leaderboard import template
+    text = re.search(r"``\s*(\{.*?\})\s*``", template.generate_leaderboard.__doc__, re.S).group(1)
+    return json.loads(text)
+
+
+def _check_robustbench_fields(entry, reported=True):
+    """Keys and types as RobustBench's published entries; readable by its ModelInfo."""
+    import dataclasses
+    pub = _published_entry()                   # imports robustbench through model_zoo.compat
+    from robustbench.utils import ModelInfo
+    assert set(pub) == RB_KEYS
+    want = RB_KEYS if reported else RB_KEYS - {"reported"}
+    assert want <= set(entry), want - set(entry)
+    assert set(entry) - RB_KEYS <= {"external", "footnote", "unreliable", "threat_model", "deq"}
+    for k in want:
+        assert type(entry[k]) is type(pub[k]), (k, entry[k], pub[k])
+    for k in ("clean_acc", "autoattack_acc") + (("reported",) if reported else ()):
+        assert 0 <= float(entry[k]) <= 100
+    fields = {f.name for f in dataclasses.fields(ModelInfo)}
+    info = ModelInfo(**{k: v for k, v in entry.items() if k in fields})
+    assert info.clean_acc == entry["clean_acc"]
+    # identity: the evaluated weights
+    assert len(entry["deq"]["weights_sha256"]) == 64 and entry["deq"]["checkpoint"]
+
+
+@pytest.mark.slow
+def test_benchmark_call_on_a_plain_model_and_a_torchdeq_deq(examples, tdeq, tmp_path,
+                                                            fmnist_test):
+    from benchmark import benchmark
+    from benchmark.leaderboard import read_entries
+    _, cnn_fmnist = examples
+    net = cnn_fmnist.make_model()
+    net.load_state_dict(torch.load(CNN_CKPT, weights_only=True))
+    res = benchmark(net, dataset="fashion_mnist", n=16, eps=0.1, attacks=["pgd", "autoattack"],
+                    output=tmp_path / "out", name="view_cnn", training="clean, 400 steps",
+                    authors="A. User", link="https://example.org/cnn", reported="85.70")
+    assert not res.is_deq
+    row = res.summary.iloc[0]
+    assert row.model == "view_cnn" and row.n == 16 and 0.6 <= row.clean <= 1.0
+    assert row.ALL <= min(row.pgd, row.autoattack) + 1e-9
+    assert set(res.records.attack) == {"clean", "pgd", "autoattack"}
+    assert res.records[res.records.attack == "clean"].example.nunique() == 16
+    e = res.entry
+    assert res.entry_path == tmp_path / "out" / "leaderboards" / "fashion_mnist-Linf" / "view_cnn.json"
+    assert e["reported"] == "85.70" and e["authors"] == "A. User" and e["link"].startswith("https")
+    assert "training: clean, 400 steps" in e["footnote"] and "untrained" not in e["footnote"]
+    assert e["deq"]["weights_sha256"] == res.weights_sha256
+    _check_robustbench_fields(e)
+    # resumable: the same call only re-reads the database
+    again = benchmark(net, dataset="fashion_mnist", n=16, eps=0.1, attacks=["pgd", "autoattack"],
+                      output=tmp_path / "out", name="view_cnn", training="clean, 400 steps",
+                      authors="A. User", link="https://example.org/cnn", reported="85.70")
+    assert again.summary.ALL.tolist() == res.summary.ALL.tolist()
+    # other weights under the same name never replace the entry silently
+    other = cnn_fmnist.make_model()
+    with pytest.raises(ValueError, match="holds results of|other weights"):
+        benchmark(other, dataset="fashion_mnist", n=16, eps=0.1, attacks=["pgd"],
+                  output=tmp_path / "out", name="view_cnn")
+
+    # the torchdeq DEQ: DEQ-aware, its own forward reported, early state + grid + AutoAttack
+    _, model = tdeq
+    res = benchmark(model, dataset="fashion_mnist", n=8, eps=0.1,
+                    defenses=[model.defense.config(), "early:4"],
+                    attacks={"pgd": {"steps": 3}, "grid": {"steps": 2, "kas": [1], "lams": [0.5]},
+                             "autoattack": {"attacks": ["apgd-ce"], "budget": {"apgd_n_iter": 3}}},
+                    output=tmp_path / "out", name="tiny_torchdeq")
+    assert res.is_deq and len(res.entries) == 2
+    names = sorted(e["name"] for e in res.entries)
+    assert names == ["tiny_torchdeq", "tiny_torchdeq+early-4"]   # its own forward: plain name
+    rows = res.summary.set_index(res.summary.defense.str.slice(0, 7))
+    assert rows.loc["early:4", "state"] == "z[4]"
+    own = res.summary[res.summary.defense != "early:4"].iloc[0]
+    clean = res.records[(res.records.attack == "clean") & (res.records.defense == own.defense)]
+    with torch.no_grad():                       # clean records = the torchdeq forward's
+        idx = torch.tensor(sorted(clean.example))
+        pred = tdeq[0](fmnist_test.images[idx]).argmax(1)
+    assert (clean.sort_values("example").correct.values
+            == (pred == fmnist_test.labels[idx]).numpy()).all()
+    assert {"grid", "autoattack"} <= set(res.records.attack)
+    assert res.records[res.records.attack == "grid"].setting.nunique() >= 9   # 8 states + worst
+    for e in res.entries:
+        _check_robustbench_fields(e, reported=False)
+        assert "reported" not in e                   # the source reported nothing: absent
+    assert {e["name"] for e in read_entries(res.entry_path.parent)} >= set(names) | {"view_cnn"}
+
+
+@pytest.mark.slow
+def test_config_and_cli_journey_for_user_models(tmp_path, capsys):
+    """configs/eval/byo_fmnist.yaml (both outside models from user code) through
+    `deqbench leaderboard`, with reduced budgets."""
+    import yaml
+    from benchmark.cli import main
+    from benchmark.leaderboard import read_entries
+    raw = yaml.safe_load((ROOT / "configs" / "eval" / "byo_fmnist.yaml").read_text())
+    raw["output"] = str(tmp_path / "runs")
+    raw["data"]["n"], raw["shard_size"] = 8, 8
+    raw["attacks"] = {"pgd": {"steps": 2}, "grid": {"steps": 1, "kas": [1], "lams": [0.5]},
+                      "autoattack": {"attacks": ["apgd-ce"], "budget": {"apgd_n_iter": 2},
+                                     "on_test_time_defenses": False},
+                      "adaptive": {"steps": 1}}
+    for m in raw["models"]:   # paths relative to the repository, the test runs anywhere
+        m["factory"] = str(ROOT / m["factory"])
+        m["checkpoint"] = str(ROOT / m["checkpoint"])
+    cfg = tmp_path / "byo.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    assert main(["leaderboard", str(cfg), "--root", str(tmp_path / "lb"), "--quiet"]) == 0
+    entries = {e["name"]: e for e in read_entries(tmp_path / "lb" / "fashion_mnist-Linf")}
+    assert set(entries) == {"tiny_torchdeq_fmnist", "tiny_torchdeq_fmnist+early-4",
+                            "tiny_torchdeq_fmnist+entropy_reduction-beta0.025-eps0.1-r2-tf2",
+                            "small_cnn_view_fmnist"}
+    deq = entries["tiny_torchdeq_fmnist"]
+    assert deq["deq"]["weights_sha256"] == _sha_file(DEQ_CKPT)
+    assert deq["deq"]["checkpoint"].endswith("torchdeq_fmnist.pt")
+    assert "training: clean, 400 Adam steps" in deq["footnote"]
+    assert deq["authors"] == "deqbench examples" and "reported" not in deq
+    assert entries["small_cnn_view_fmnist"]["deq"]["weights_sha256"] == _sha_file(CNN_CKPT)
+    for e in entries.values():
+        _check_robustbench_fields(e, reported=False)
+
+
+def test_config_model_factory_errors_name_the_key(tmp_path):
+    from benchmark.run_config import ConfigError, from_dict
+
+    def cfg(**model):
+        m = {"name": "mine", "factory": f"{EX / 'cnn_fmnist.py'}:make_model", **model}
+        return {"name": "t", "data": {"dataset": "fashion_mnist", "n": 4},
+                "threat": {"eps": 0.1}, "model": m}
+
+    c = from_dict(cfg(checkpoint=str(CNN_CKPT), sha256=_sha_file(CNN_CKPT)))
+    assert c.models[0].name == "mine" and c.models[0].factory["factory"].endswith(":make_model")
+    assert mz.get_entry("mine").sha256 == _sha_file(CNN_CKPT)
+    cases = [({"sha256": "0" * 64, "checkpoint": str(CNN_CKPT)}, "models[0].sha256"),
+             ({"checkpoint": str(tmp_path / "nope.pt")}, "models[0].checkpoint"),
+             ({"factory": "no_such_module_xyz:f"}, "models[0].factory"),
+             ({"factory": f"{EX / 'cnn_fmnist.py'}:nope"}, "models[0].factory"),
+             ({"reported": "high"}, "models[0].reported"),
+             ({"colour": "red"}, "models[0].colour"),
+             ({"name": "deq_tiny_fmnist_pgdat", "checkpoint": str(CNN_CKPT)}, "models[0].name")]
+    for extra, key in cases:
+        with pytest.raises(ConfigError, match=rf"^run config: {key.replace('[', '.').replace(']', '.')}"):
+            from_dict(cfg(**extra))
+    # the zoo name with another model's weights: the error names both
+    with pytest.raises(ConfigError, match="deq_tiny_fmnist_pgdat.pt.*cnn_fmnist.pt|zoo's"):
+        from_dict(cfg(name="deq_tiny_fmnist_pgdat", checkpoint=str(CNN_CKPT)))
+    # factory without checkpoint (it builds its weights itself): identified by the state_dict
+    # hash; a factory that builds other weights on every call is caught when loading
+    f = tmp_path / "seeded.py"
+    f.write_text("import torch\nfrom cnn_fmnist import SmallNet\n"
+                 "def make(width=16):\n    torch.manual_seed(0)\n    return SmallNet(width)\n"
+                 "def unseeded(width=16):\n    return SmallNet(width)\n")
+    sys.path.insert(0, str(EX))
+    c = from_dict(cfg(name="mine_init", factory=f"{f}:make", kwargs={"width": 8}))
+    e = mz.get_entry("mine_init")
+    assert e.extra["weights"] == "factory" and len(e.sha256) == 64
+    assert c.weights()["mine_init"] == e.sha256
+    m = mz.load("mine_init")
+    assert m(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    from_dict(cfg(name="mine_unseeded", factory=f"{f}:unseeded"))
+    with pytest.raises(mz.CheckpointError, match="now builds weights"):
+        mz.load("mine_unseeded")
+    sys.path.remove(str(EX))
+
+
+def test_unknown_model_error_says_how_to_bring_ones_own():
+    with pytest.raises(KeyError) as ei:
+        mz.get_entry("my_fancy_net")
+    msg = str(ei.value)
+    assert "model_zoo.register" in msg and "--model-factory" in msg and "factory:" in msg
+
+
+def test_custom_checkpoint_never_replaces_the_zoo_entry(tmp_path):
+    """A zoo name evaluated with another checkpoint gets its own entry name; a different
+    model under an existing entry's name is refused, naming both."""
+    import shutil
+    from benchmark.reports import _check_identity, _identity
+    zoo = mz.get_entry("deq_tiny_fmnist_pgdat")
+
+    class FakeDB:
+        def __init__(self, w):
+            self.w = w
+
+        def get_meta(self, k):
+            return self.w if k == "weights" else None
+
+    other = tmp_path / "retrained.pt"
+    shutil.copy(zoo.checkpoint_path(), other)
+    with open(other, "ab") as f:
+        f.write(b"\0")                       # other bytes, other hash
+    sha = hashlib.sha256(other.read_bytes()).hexdigest()
+    cfg = {"models": [{"name": zoo.name, "checkpoint": str(other)}]}
+    ident = _identity(FakeDB({zoo.name: sha}), cfg, zoo.name, zoo)
+    assert ident["name"] == f"{zoo.name}-{sha[:8]}" and ident["sha256"] == sha
+    assert "training: not stated" in ident["footnote"] and "pgd_at" not in ident["footnote"]
+    same = _identity(FakeDB({zoo.name: zoo.sha256}), {"models": [{"name": zoo.name}]}, zoo.name, zoo)
+    assert same["name"] == zoo.name and "training: pgd_at" in same["footnote"]
+    assert same["checkpoint"].endswith("deq_tiny_fmnist_pgdat.pt")
+    # an existing entry of other weights under the same name
+    folder = tmp_path / "lb" / "fashion_mnist-Linf"
+    folder.mkdir(parents=True)
+    (folder / "mine.json").write_text(json.dumps(
+        {"name": "mine", "deq": {"weights_sha256": "a" * 64, "checkpoint": "old.pt"}}))
+    new = {"name": "mine", "dataset": "fashion_mnist", "threat_model": "Linf",
+           "deq": {"weights_sha256": "b" * 64, "checkpoint": "new.pt"}}
+    user = mz.register(name="mine_identity", factory=lambda **kw: ViewNet(), dataset="fashion_mnist",
+                       input_shape=(1, 28, 28), overwrite=True)
+    with pytest.raises(ValueError, match="old.pt.*new.pt"):
+        _check_identity(tmp_path / "lb", new, user)
+    new["deq"]["weights_sha256"] = "a" * 64
+    _check_identity(tmp_path / "lb", new, user)          # the same weights: fine
