@@ -79,6 +79,41 @@ def _save(fig, out_dir: Path, stem: str, formats) -> list:
     return paths
 
 
+def _cp_err(acc, n):
+    """Asymmetric error bars (percent, shape (2, k)) of the exact 95% Clopper-Pearson intervals
+    of accuracies ``acc`` (fractions, each k/n) over n examples -- the leaderboard's intervals."""
+    from benchmark.report.stats import clopper_pearson
+    acc = np.atleast_1d(np.asarray(acc, float))
+    n = np.broadcast_to(np.asarray(n, int), acc.shape)
+    lo, hi = [], []
+    for a, m in zip(acc, n):
+        ci = clopper_pearson(int(round(a * m)), int(m)) if m > 0 and a == a else (a, a)
+        lo.append(100 * (a - ci[0]))
+        hi.append(100 * (ci[1] - a))
+    return np.array([lo, hi])
+
+
+def _mean_ci(x):
+    """(mean, lo, hi) with a 95% t-interval of the mean (scipy)."""
+    from scipy import stats as sps
+    x = np.asarray(x, float)
+    x = x[np.isfinite(x)]
+    if len(x) == 0:
+        return float("nan"), float("nan"), float("nan")
+    m = float(x.mean())
+    if len(x) < 2:
+        return m, m, m
+    h = float(sps.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
+    return m, m - h, m + h
+
+
+def _defense_label(model: str, defense) -> str:
+    """'model, Sec. 3.2 (Tf=4, R=5)' -- a defense in words for legends, never raw JSON."""
+    from benchmark.leaderboard import defense_words
+    short = defense_words(defense)[0]
+    return model if short == "none" else f"{model}, {short}"
+
+
 def _last(v) -> float:
     return float(v[-1]) if isinstance(v, list) and v else float("nan")
 
@@ -115,12 +150,16 @@ def figure2a(data: RunData, model: str, defense: str, g, out_dir: Path, formats)
     ha = np.array([_last(v) for v in p.H_adv], float)
     lo, hi = np.nanmin(np.r_[hc, ha]), np.nanmax(np.r_[hc, ha])
     bins = np.linspace(lo, hi if hi > lo else lo + 1e-6, 25)
-    a2.hist(hc, bins=bins, alpha=0.6, label="clean")
-    a2.hist(ha, bins=bins, alpha=0.6, label="perturbed (PGD)")
+    for vals, lab in ((hc, "clean"), (ha, "perturbed (PGD)")):
+        m, lo_m, hi_m = _mean_ci(vals)
+        a2.hist(vals, bins=bins, alpha=0.6,
+                label=f"{lab}: mean {m:.3f} [{lo_m:.3f}, {hi_m:.3f}]")
+        a2.axvline(m, color="black" if lab == "clean" else "tab:red", lw=0.8)
+        a2.axvspan(lo_m, hi_m, color="black" if lab == "clean" else "tab:red", alpha=0.12)
     a2.set_xlabel("prediction entropy H(z[N])")
     a2.set_ylabel("examples")
-    a2.set_title("(b) entropy at z[N]")
-    a2.legend()
+    a2.set_title("(b) entropy at z[N] (mean, 95% CI)")
+    a2.legend(fontsize=7)
     fig.suptitle("Fig. 2 (a, b): residual and entropy at z[N], clean vs PGD\n"
                  + data.figure_label(model, defense, len(p)), fontsize=10)
     return _save(fig, out_dir, f"fig2a_{_slug(model, defense)}", formats)
@@ -170,6 +209,9 @@ def figure3a(data: RunData, model: str, defense: str, s, out_dir: Path, formats)
     sc = s[s.i.isin(complete)]
     best = sc.loc[sc.groupby("i").acc.idxmin()].sort_values("i")
     ax.plot(best.i, 100 * best.acc, "-", color="black", lw=1)
+    ax.errorbar(best.i, 100 * best.acc, yerr=_cp_err(best.acc, best.n), fmt="none",
+                ecolor="black", elinewidth=0.8, capsize=3, zorder=2,
+                label="95% CI (Clopper-Pearson) of the strongest")
     for _, r in best.iterrows():
         ax.scatter([r.i], [100 * r.acc], color=colors[r.lam], edgecolor="black", s=60, zorder=3)
         ax.annotate(f"Ka={int(r.ka)}", (r.i, 100 * r.acc), textcoords="offset points",
@@ -182,7 +224,8 @@ def figure3a(data: RunData, model: str, defense: str, s, out_dir: Path, formats)
     ax.set_xticks(sorted(int(i) for i in s.i.unique()))
     ax.legend(fontsize=7)
     n = int(s.n.iloc[0])
-    fig.suptitle("Fig. 3 (a): PGD through z[i] with Ka unrolled steps (solid: strongest at z[i])\n"
+    fig.suptitle("Fig. 3 (a): PGD through z[i] with Ka unrolled steps (solid: strongest at z[i], "
+                 "bars: 95% CI)\n"
                  + data.figure_label(model, defense, n), fontsize=10)
     return _save(fig, out_dir, f"fig3a_{_slug(model, defense)}", formats)
 
@@ -262,24 +305,34 @@ def deviation_table(data: RunData, attack: str = FIG3C_ATTACK) -> "pd.DataFrame"
     ``extra.deviation`` (primary setting only), and their number ``n``. Only clean-correct
     examples count: the attacks leave the others unperturbed (deviation 0)."""
     import pandas as pd
-    rows = []
+    per = {}
     for (mk, dk), g in _groups(data.records):
         a = g[g.attack == attack]
         a = a[a.setting == "worst"] if attack == "grid" else a
         clean = _clean(g)
         a = a[a.example.map(clean).fillna(0).astype(int) == 1]
-        devs = [e["deviation"] for e in a.extra
-                if isinstance(e, dict) and isinstance(e.get("deviation"), list) and e["deviation"]]
-        if not devs:
-            continue
-        T = min(len(d) for d in devs)
-        d = np.array([v[:T] for v in devs], float)
+        devs = {int(ex): e["deviation"] for ex, e in zip(a.example, a.extra)
+                if isinstance(e, dict) and isinstance(e.get("deviation"), list) and e["deviation"]}
+        if devs:
+            per[(mk, dk)] = devs
+    # the SAME examples for every curve: those every (model, defense) has a deviation for
+    # (clean-correct under all of them), so the curves are paired comparisons
+    common = set.intersection(*(set(d) for d in per.values())) if per else set()
+    rows = []
+    for (mk, dk), devs in per.items():
+        if not common:
+            break
+        T = min(len(devs[e]) for e in common)
+        d = np.array([devs[e][:T] for e in sorted(common)], float)
         for t in range(T):
             q25, q50, q75 = np.quantile(d[:, t], [0.25, 0.5, 0.75])
-            rows.append({"model": mk, "defense": dk, "t": t + 1, "mean": float(d[:, t].mean()),
+            m, lo, hi = _mean_ci(d[:, t])
+            rows.append({"model": mk, "defense": dk, "t": t + 1, "mean": m,
+                         "ci_lo": lo, "ci_hi": hi,
                          "q25": float(q25), "median": float(q50), "q75": float(q75),
                          "n": len(d)})
-    return pd.DataFrame(rows, columns=["model", "defense", "t", "mean", "q25", "median", "q75", "n"])
+    return pd.DataFrame(rows, columns=["model", "defense", "t", "mean", "ci_lo", "ci_hi", "q25",
+                                       "median", "q75", "n"])
 
 
 def figure3c(data: RunData, out_dir: Path, formats, attack: str = FIG3C_ATTACK) -> list:
@@ -292,8 +345,9 @@ def figure3c(data: RunData, out_dir: Path, formats, attack: str = FIG3C_ATTACK) 
     ns = []
     for (mk, dk), g in d.groupby(["model", "defense"], sort=False):
         g = g.sort_values("t")
-        line, = ax.plot(g.t, 100 * g["mean"], "o-", label=f"{mk} [{dk}]")
-        ax.fill_between(g.t, 100 * g.q25, 100 * g.q75, color=line.get_color(), alpha=0.15)
+        line, = ax.plot(g.t, 100 * g["mean"], "o-", label=_defense_label(mk, dk))
+        ax.fill_between(g.t, 100 * g.ci_lo, 100 * g.ci_hi, color=line.get_color(), alpha=0.2)
+        ax.plot(g.t, 100 * g.q75, ":", color=line.get_color(), lw=0.8)
         ns.append(int(g.n.iloc[0]))
     ax.set_xlabel("state t")
     ax.set_ylabel(r"$\|\tilde z[t] - z[t]\| / \|z[t]\|$  (%)")
@@ -301,7 +355,8 @@ def figure3c(data: RunData, out_dir: Path, formats, attack: str = FIG3C_ATTACK) 
     ax.legend(fontsize=7)
     n = min(ns) if min(ns) == max(ns) else f"{min(ns)}-{max(ns)}"
     fig.suptitle(f"Fig. 3 (c): deviation of the dynamics under {attack.upper()} "
-                 "(mean, 25-75 % band)\n"
+                 "(band: 95% CI of the mean)\n"
+                 "same clean-correct examples for every curve (dotted: 75th pct.); "
                  f"{data.dataset}, eps={data.eps_text}, n={n}", fontsize=10)
     return _save(fig, out_dir, "fig3c_deviation", formats)
 
@@ -315,7 +370,12 @@ def figure5(data: RunData, model: str, defense: str, t8, out_dir: Path, formats)
     for j, ((pre, lam), gl) in enumerate(t8.groupby(["preset", "lam"])):
         gl = gl.sort_values("i")
         tag = "" if pre == "reference" else f" ({pre})"
+        s_all = setting_accuracies(data)
+        n_pts = int(s_all[(s_all.model == model) & (s_all.defense == defense)].n.iloc[0]) \
+            if len(s_all) else data.n
         line, = ax.plot(gl.i, 100 * gl.acc, "o-", label=f"lambda={lam:g}{tag}")
+        ax.errorbar(gl.i + (j - 0.5) * 0.08, 100 * gl.acc, yerr=_cp_err(gl.acc, n_pts),
+                    fmt="none", ecolor=line.get_color(), elinewidth=0.8, capsize=3)
         for _, r in gl.iterrows():  # strongest Ka: below the first line's points, above the rest
             ax.annotate(f"{int(r.ka)}", (r.i, 100 * r.acc), textcoords="offset points",
                         xytext=(0, -12 if j == 0 else 5), ha="center", fontsize=7,
@@ -327,7 +387,8 @@ def figure5(data: RunData, model: str, defense: str, t8, out_dir: Path, formats)
     s = setting_accuracies(data)
     s = s[(s.model == model) & (s.defense == defense)]
     n = int(s.n.iloc[0]) if len(s) else data.n
-    fig.suptitle("Fig. 5: strongest intermediate attack per state, lambda = 1.0 vs 0.5\n"
+    fig.suptitle("Fig. 5: strongest intermediate attack per state, lambda = 1.0 vs 0.5 "
+                 "(bars: 95% CI)\n"
                  + data.figure_label(model, defense, n), fontsize=10)
     return _save(fig, out_dir, f"fig5_{_slug(model, defense)}", formats)
 
@@ -400,7 +461,14 @@ def plot_training_curves(csv_paths, out_dir, formats=("png", "pdf"), stem="fig4_
             if key in cols:
                 y = np.array(cols[key], float)
                 y = 100 * y if key != "train_loss" else y
-                ax.plot(cols["epoch"], y, "o-", ms=3, label=info["label"])
+                line, = ax.plot(cols["epoch"], y, "o-", ms=3, label=info["label"])
+                n_val = info.get("n")
+                if key.startswith("val_") and n_val:   # 95% CI of a validation accuracy
+                    ok = np.isfinite(y)
+                    err = _cp_err(y[ok] / 100, int(n_val))
+                    ep = np.array(cols["epoch"], float)[ok]
+                    ax.fill_between(ep, y[ok] - err[0], y[ok] + err[1], color=line.get_color(),
+                                    alpha=0.15, lw=0)
         ax.set_xlabel("epoch")
         from matplotlib.ticker import MaxNLocator
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

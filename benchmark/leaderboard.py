@@ -650,9 +650,12 @@ def defense_words(defense: Any, params: Any = None, state: Any = None) -> tuple:
         return "none", "no defense: the final state z* of the fixed-point solve"
     if name.startswith("early"):
         idx = params.get("index", d.get("index"))
-        where = f"z[{idx}]" if idx is not None else (state or "an early state")
+        where = f"z[{idx}]" if idx is not None else (state if state not in (None, "final")
+                                                       else None)
         chosen = " chosen on validation data" if d.get("arg") == "select" or "selection" in params \
             else ""
+        if where is None:
+            return "early exit", f"early-state exit{chosen}"
         return f"early exit {where}", f"early-state exit: logits of {where}{chosen}"
     if name == "entropy_reduction":
         tf = params.get("tf", d.get("tf", _ER_DEFAULTS["tf"]))

@@ -140,7 +140,8 @@ class RunData:
                 f"models: {', '.join(self.models) or '-'}.")
 
     def figure_label(self, model: str, defense: Optional[str] = None, n: Optional[int] = None) -> str:
-        d = "" if defense is None else f" [{defense}]"
+        from benchmark.leaderboard import defense_words
+        d = "" if defense is None else f", defense: {defense_words(defense)[0]}"
         return (f"{self.dataset}, eps={self.eps_text}, {model}{d}, "
                 f"n={self.n if n is None else n}")
 

@@ -327,13 +327,19 @@ def test_deviation_table_fig3c(full_run):
     d = F.deviation_table(T.load_run(full_run))
     assert set(d.model) == {"deq_a"} and len(d) == 2 * N_STATES    # the CNN has no states
     f = d[d.defense == "final"].set_index("t")
-    # clean-correct e0..e6 only (e7 is clean-wrong, never perturbed): the mean over k = 0..6 of
-    # 0.01 * t * (k + 1) = 0.04 t; the median the same; quartiles 0.025 t and 0.055 t
+    # the SAME examples for every curve: clean-correct under both defenses, e0..e5 (e7 is
+    # clean-wrong under final, e6 under early:select): the mean over k = 0..5 of
+    # 0.01 * t * (k + 1) = 0.035 t; the median the same; quartiles 0.0225 t and 0.0475 t
+    import numpy as np
+    from scipy import stats as sps
     for t in range(1, N_STATES + 1):
-        assert f.loc[t, "mean"] == pytest.approx(0.04 * t)
-        assert f.loc[t, "median"] == pytest.approx(0.04 * t)
-        assert (f.loc[t, "q25"], f.loc[t, "q75"]) == pytest.approx((0.025 * t, 0.055 * t))
-        assert f.loc[t, "n"] == 7
+        assert f.loc[t, "mean"] == pytest.approx(0.035 * t)
+        assert f.loc[t, "median"] == pytest.approx(0.035 * t)
+        assert (f.loc[t, "q25"], f.loc[t, "q75"]) == pytest.approx((0.0225 * t, 0.0475 * t))
+        assert f.loc[t, "n"] == 6
+        vals = [0.01 * t * (k + 1) for k in range(6)]
+        h = sps.t.ppf(0.975, 5) * np.std(vals, ddof=1) / np.sqrt(6)
+        assert (f.loc[t, "ci_lo"], f.loc[t, "ci_hi"]) == pytest.approx((0.035 * t - h, 0.035 * t + h))
     e = d[d.defense == "early:select"]
     assert e["mean"].tolist() == pytest.approx([0.05] * N_STATES)
 
@@ -554,3 +560,19 @@ def test_cli(full_run, tmp_path, capsys):
     assert T.main([str(tmp_path / "nowhere")]) == 2
     assert not (tmp_path / "nowhere").exists()
     assert "no results database" in capsys.readouterr().err
+
+
+def test_figure_legends_say_a_defense_in_words():
+    raw = '{"name": "entropy_reduction", "r": 5, "tf": 4}'
+    assert F._defense_label("m", raw) == "m, Sec. 3.2 (Tf=4, R=5)"
+    assert F._defense_label("m", "final") == "m"
+    assert F._defense_label("m", "early:select") == "m, early exit"
+    run = T.RunData(records=__import__("pandas").DataFrame(columns=["attack", "example"]),
+                    meta={"dataset": {"name": "fashion_mnist", "n": 8}})
+    label = run.figure_label("m", raw)
+    assert "Sec. 3.2 (Tf=4, R=5)" in label and "{" not in label
+    # Clopper-Pearson error bars of 3/8 (percent, below and above)
+    from benchmark.report.stats import clopper_pearson
+    lo, hi = clopper_pearson(3, 8)
+    err = F._cp_err([3 / 8], 8)
+    assert err[:, 0].tolist() == pytest.approx([100 * (3 / 8 - lo), 100 * (hi - 3 / 8)])
