@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from model_zoo.forward import prediction_entropy
+from model_zoo.scoring import check_labels, predict, safe_margin, score_logits
 
 from .pgd import check_linf_ball
 from .surrogates import GradientSource, JudgedModule, UnrolledIntermediate, grid_settings
@@ -39,7 +40,10 @@ __all__ = ["AttackOutcome", "GridOutcome", "FEvalMeter", "reported_margin", "res
            "transfer_matrix", "obfuscation_flags", "AUTOATTACK_NAMES", "AA_STANDARD_BUDGET",
            "setting_name", "derive_seed"]
 
-AUTOATTACK_NAMES = ("apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr", "fab")
+# "apgd-t-ce": APGD-T with the targeted cross-entropy loss (pyautoattack's 'ce-targeted'),
+# towards each of the top wrong classes -- a confident (low-entropy) wrong prediction, the
+# adapted objective against the Sec. 3.2 entropy reduction (attacks.adaptive).
+AUTOATTACK_NAMES = ("apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr", "fab", "apgd-t-ce")
 # pyautoattack's version='standard' knobs (Croce & Hein 2020) for l_inf.
 AA_STANDARD_BUDGET = {"apgd_n_iter": 100, "apgd_n_restarts": 1, "apgd_t_n_target_classes": 9,
                       "fab_n_iter": 100, "fab_n_target_classes": 9, "square_n_queries": 5000}
@@ -104,11 +108,9 @@ class FEvalMeter:
 
 
 def reported_margin(logits: Tensor, y: Tensor) -> Tensor:
-    """logit_y - max_{j != y} logit_j (negative = misclassified)."""
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    other = logits.clone()
-    other.scatter_(1, y[:, None], float("-inf"))
-    return true - other.max(1).values
+    """logit_y - max_{j != y} logit_j (negative = misclassified), float64; -inf for an example
+    with a non-finite logit (it is wrong, see :mod:`model_zoo.scoring`)."""
+    return safe_margin(logits, y).float()
 
 
 def _batched_reported(judged: JudgedModule, x: Tensor, batch_size: int) -> Tensor:
@@ -134,7 +136,7 @@ def rescore(judged: JudgedModule, x_adv: Tensor, x: Tensor, y: Tensor, eps: floa
             logits = _batched_reported(judged, x_adv, batch_size)
     else:
         logits = _batched_reported(judged, x_adv, batch_size)
-    out = (logits.argmax(-1) == y, reported_margin(logits.float(), y))
+    out = (score_logits(logits, y)[0], reported_margin(logits, y))
     return out + (logits,) if return_logits else out
 
 
@@ -177,8 +179,10 @@ class AttackOutcome:
         """One dict per example (the primary record; aggregates are derived from these)."""
         n = len(self.correct)
         indices = list(range(n)) if indices is None else list(indices)
+        # margin -inf: the reported logits were non-finite (model_zoo.scoring): wrong, and said so
         return [{"example": int(indices[b]), "attack": self.name,
                  "correct": bool(self.correct[b]), "margin": float(self.margin[b]),
+                 "nonfinite": float(self.margin[b]) == float("-inf"),
                  "broken_by": list(self.broken_by[b]),
                  "nfev_nograd": float(self.nfev_nograd[b]), "nfev_grad": float(self.nfev_grad[b]),
                  "queries": float(self.queries[b])} for b in range(n)]
@@ -193,12 +197,23 @@ def _outcome(name, x_adv, correct, margin, broken_by, meter, config, t0, extra=N
 
 
 def _check_eps(eps, alpha=None, steps=None):
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) \
+            or eps < 0:
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if alpha is not None and (not math.isfinite(alpha) or alpha <= 0):
         raise ValueError(f"step size alpha must be > 0, got {alpha!r}")
     if steps is not None and (int(steps) != steps or steps < 0):
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+
+
+def _check_xy(model, x, y) -> None:
+    """The attacks' input checks (InputError naming the problem): labels an integer tensor of
+    one class index per image, in range of the model's classes; images are checked by the
+    model itself (dtype, shape, range)."""
+    from model_zoo.mdeq import InputError
+    if not torch.is_tensor(x):
+        raise InputError(f"images must be a torch.Tensor, got {type(x).__name__}")
+    check_labels(y, len(x), getattr(model, "num_classes", None))
 
 
 def _uniform_noise(shape, seed: int, device, dtype) -> Tensor:
@@ -211,7 +226,7 @@ def _clean_correct(judged, x, y, meter, batch_size):
         return torch.zeros(0, dtype=torch.bool, device=x.device), x.new_zeros(0, 1)
     with meter.on(torch.arange(len(x))):
         logits = _batched_reported(judged, x, batch_size)
-    return logits.argmax(-1) == y, logits
+    return score_logits(logits, y)[0], logits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,20 +268,23 @@ def _pgd_core(judged, x, y, eps, alpha, steps, start: Tensor, early_stop: bool,
                        else judged(xv))
                 loss = F.cross_entropy(out, y[act], reduction="sum")
                 (g,) = torch.autograd.grad(loss, xv)
+        # a non-finite surrogate gives a NaN gradient: no step for that row (sign(NaN) = NaN
+        # would leave the eps-ball); a non-finite output counts as broken (never correct)
+        g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
         move = torch.ones(len(act), dtype=torch.bool, device=x.device)
         if early_stop and not surrogate_only:
-            broken = out.detach().argmax(-1) != y[act]
+            broken = ~score_logits(out, y[act])[0]
             stopped[act[broken]] = True
             move = ~broken
         elif early_stop:
-            fooled = ((out.detach().argmax(-1) != y[act])
+            fooled = (~score_logits(out, y[act])[0]
                       & (checks[act] < max_checks)).nonzero().flatten()
             if len(fooled):
                 rows = act[fooled]
                 checks[rows] += 1
                 with meter.on(idx_global[rows.cpu()]):
                     r = judged.reported_logits(x_adv[rows])
-                broken = r.argmax(-1) != y[rows]
+                broken = ~score_logits(r, y[rows])[0]
                 stopped[rows[broken]] = True
                 move[fooled[broken]] = False
         a = act[move]
@@ -317,6 +335,7 @@ def pgd_attack_steps(judged: JudgedModule, x: Tensor, y: Tensor, eps: float, alp
     if check not in ("every_step", "when_fooled"):
         raise ValueError(f"check must be 'every_step' or 'when_fooled', got {check!r}")
     surrogate_only = check == "when_fooled" and judged.is_deq and judged.surrogate is not None
+    _check_xy(judged.model, x, y)
     t0 = time.perf_counter()
     x, y = x.detach(), y.detach()
     n = len(x)
@@ -438,6 +457,7 @@ def grid_attack(model, reported, x: Tensor, y: Tensor, eps: float, alpha: float,
     for s in settings:
         if isinstance(s, UnrolledIntermediate):
             s.check(model)
+    _check_xy(model, x, y)
     t0 = time.perf_counter()
     x, y = x.detach(), y.detach()
     n, S = len(x), len(settings)
@@ -472,7 +492,7 @@ def grid_attack(model, reported, x: Tensor, y: Tensor, eps: float, alpha: float,
             ent[si, b.cpu()] = _entropy(lg)
             if mode == "naive":  # the reference re-evaluates the clean inputs for every setting
                 with meter.on(b.cpu()):
-                    c &= judged.reported_logits(x[b]).argmax(-1) == y[b]
+                    c &= score_logits(judged.reported_logits(x[b]), y[b])[0]
             per[si, b.cpu()] = c.to(torch.int8).cpu()
             bc = b.cpu()
             mc, mm = margin[bc], m.cpu().float()
@@ -543,6 +563,8 @@ def _autoattack_runner(judged, eps, seed, budget: dict, device):
         if name == "apgd-t":
             aa.apgd_targeted.seed = seed
             return aa.apgd_targeted.perturb(xb, yb)
+        if name == "apgd-t-ce":
+            return _apgd_targeted_ce(aa.apgd_targeted, xb, yb, seed)
         if name in ("fab", "fab-t"):
             aa.fab.targeted = name == "fab-t"
             aa.fab.n_restarts = 1
@@ -553,6 +575,36 @@ def _autoattack_runner(judged, eps, seed, budget: dict, device):
             return aa.square.perturb(xb, yb)
         raise ValueError(name)
     return run
+
+
+def _apgd_targeted_ce(atk, x: Tensor, y: Tensor, seed: int) -> Tensor:
+    """APGD-T's loop (pyautoattack ``APGDAttack_targeted.perturb``: target = the k-th highest
+    other logit, k = 2 .. n_target_classes + 1, each on the points still correct) with the
+    library's 'ce-targeted' loss; its ``perturb`` accepts only 'dlr-targeted', so the loop is
+    repeated here around the library's ``attack_single_run``."""
+    atk.init_hyperparam(x)
+    x = x.detach().clone().float()
+    with torch.no_grad():
+        acc = atk.model(x).argmax(1) == y
+    adv = x.clone()
+    saved = atk.loss
+    atk.loss = "ce-targeted"
+    torch.random.manual_seed(seed)
+    try:
+        for tc in range(2, atk.n_target_classes + 2):
+            idx = acc.nonzero().flatten()
+            if not len(idx):
+                break
+            with torch.no_grad():
+                out = atk.model(x[idx])
+            atk.y_target = out.sort(dim=1)[1][:, -tc]
+            _, acc_c, _, adv_c = atk.attack_single_run(x[idx].clone(), y[idx].clone())
+            hit = (acc_c == 0).nonzero().flatten()
+            acc[idx[hit]] = False
+            adv[idx[hit]] = adv_c[hit].clone()
+    finally:
+        atk.loss = saved
+    return adv
 
 
 def autoattack_attack(judged: JudgedModule, x: Tensor, y: Tensor, eps: float,
@@ -580,6 +632,7 @@ def autoattack_attack(judged: JudgedModule, x: Tensor, y: Tensor, eps: float,
             raise ValueError(f"AutoAttack budget {k} must be a positive integer, got {v!r}")
         full_budget[k] = int(v)
     label = "standard" if full_budget == AA_STANDARD_BUDGET else "reduced"
+    _check_xy(judged.model, x, y)
     t0 = time.perf_counter()
     x, y = x.detach(), y.detach()
     n = len(x)
@@ -640,6 +693,7 @@ def torchattacks_attack(judged: JudgedModule, x: Tensor, y: Tensor, eps: float, 
     cls = getattr(torchattacks, name, None)
     if cls is None or not isinstance(cls, type) or not issubclass(cls, torchattacks.attack.Attack):
         raise ValueError(f"unknown torchattacks attack {name!r}")
+    _check_xy(judged.model, x, y)
     t0 = time.perf_counter()
     x, y = x.detach(), y.detach()
     judged.eval()
@@ -682,16 +736,18 @@ def transfer_matrix(sources: dict, targets: dict, x: Tensor, y: Tensor, eps: flo
     target are the same (model, defense), the entry equals the source's own attack accuracy.
     """
     _check_eps(eps)
+    for judged in targets.values():
+        _check_xy(judged.model, x, y)
     acc, per = {}, {}
     clean = {}
     for tname, judged in targets.items():
-        clean[tname] = _batched_reported(judged, x, batch_size).argmax(-1) == y
+        clean[tname] = score_logits(_batched_reported(judged, x, batch_size), y)[0]
     for sname, src in sources.items():
         out = src if isinstance(src, AttackOutcome) else src(x, y)
         check_linf_ball(out.x_adv, x, eps)
         acc[sname], per[sname] = {}, {}
         for tname, judged in targets.items():
-            c = (_batched_reported(judged, out.x_adv, batch_size).argmax(-1) == y) & clean[tname]
+            c = score_logits(_batched_reported(judged, out.x_adv, batch_size), y)[0] & clean[tname]
             per[sname][tname] = c.cpu()
             acc[sname][tname] = float(c.double().mean())
     return acc, per
@@ -740,9 +796,9 @@ def surrogate_agreement(judged: JudgedModule, x: Tensor, batch_size: int = 256) 
     with torch.no_grad():
         for s in range(0, len(x), batch_size):
             xb = x[s:s + batch_size]
-            r = judged.reported_logits(xb).argmax(-1)
-            g = judged.surrogate.logits(judged.model, xb).argmax(-1)
-            agree += int((r == g).sum())
+            r = predict(judged.reported_logits(xb))  # -1 where non-finite: never agrees
+            g = predict(judged.surrogate.logits(judged.model, xb))
+            agree += int(((r == g) & (r >= 0)).sum())
     return agree / max(len(x), 1)
 
 

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from model_zoo.scoring import score_logits
+
 __all__ = ["PGDResult", "pgd_linf", "check_linf_ball", "select_early_state"]
 
 
@@ -59,11 +61,12 @@ def pgd_linf(grad_logits: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, eps:
         with torch.enable_grad():
             loss = F.cross_entropy(grad_logits(xv), y, reduction="sum")
             (g,) = torch.autograd.grad(loss, xv)
-        x_adv = x_adv + alpha * g.sign()
+        # a non-finite output has a NaN gradient: no step there (the example is wrong anyway)
+        x_adv = x_adv + alpha * torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0).sign()
         x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1).detach()
     check_linf_ball(x_adv, x, eps)
     with torch.no_grad():
-        correct = (judge or grad_logits)(x_adv).argmax(-1) == y
+        correct = score_logits((judge or grad_logits)(x_adv), y)[0]
     return PGDResult(x_adv, correct, {"attack": "pgd", "norm": "Linf", "eps": eps, "alpha": alpha,
                                       "steps": steps, "random_start": random_start})
 
@@ -91,7 +94,9 @@ def select_early_state(model, x_val: Tensor, y_val: Tensor, eps: float, alpha: f
                        steps, generator=gen)
         with torch.no_grad():
             rec = model.run(res.x_adv, defense=ready_made, per_state=True)
-        c = (rec.state_logits.argmax(-1) == yb[None]).sum(1)
+        # (N, B): a state with a non-finite logit is wrong (model_zoo.scoring)
+        sl = rec.state_logits
+        c = ((sl.argmax(-1) == yb[None]) & torch.isfinite(sl).all(-1)).sum(1)
         correct = c if correct is None else correct + c
     model.train(was_training)
     acc = (correct.double() / len(x_val)).tolist()

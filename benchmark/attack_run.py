@@ -14,6 +14,7 @@ from attacks.evaluation import (adaptive_attacks, autoattack_attack,
 from attacks.surrogates import JudgedModule, grid_settings, make_surrogate
 from benchmark.data import load_dataset, subset
 from benchmark.provenance import provenance
+from model_zoo.scoring import resolve_device
 
 # The reference protocol's arithmetic (spec section 7 item 14), per example, in F = one f_theta
 # evaluation, backward counted as 2 F: attack 10 x (144 x 9 + 3 x 864) and evaluation
@@ -38,10 +39,23 @@ def _parse_ints(spec: str):
     return out
 
 
-def load_for_attack(model_name: str, checkpoint=None, defense=None, device="cpu",
-                    allow_untrained: bool = False, seed: int = 0):
+def checkpoint_identity(entry, checkpoint) -> dict:
+    """What was evaluated: the checkpoint path and its SHA-256 (of the given file, else the
+    zoo entry's registered one; None for untrained weights)."""
+    if checkpoint:
+        return {"checkpoint": str(checkpoint),
+                "checkpoint_sha256": model_zoo.sha256_file(checkpoint)}
+    return {"checkpoint": entry.checkpoint,
+            "checkpoint_sha256": entry.sha256 if entry.checkpoint else None}
+
+
+def load_for_attack(model_name: str, checkpoint=None, defense=None, device="auto",
+                    allow_untrained: bool = False, seed: int = 0, sha256=None):
+    """(zoo entry, model in eval mode on ``device``); ``sha256`` verifies a given checkpoint."""
+    device = resolve_device(device)
     entry = model_zoo.get_entry(model_name)
-    if checkpoint is None and entry.checkpoint is None:
+    if checkpoint is None and entry.checkpoint is None \
+            and entry.extra.get("weights") != "factory":  # user code that builds its weights
         if not allow_untrained:
             raise model_zoo.CheckpointError(
                 f"{model_name!r} has no trained checkpoint; pass --checkpoint PATH or "
@@ -51,12 +65,14 @@ def load_for_attack(model_name: str, checkpoint=None, defense=None, device="cpu"
         if defense is not None and getattr(model, "is_deq", False):
             model.set_defense(model_zoo.make_defense(defense))
         return entry, model.to(device).eval()
-    return entry, model_zoo.load(model_name, checkpoint=checkpoint, defense=defense, device=device)
+    return entry, model_zoo.load(model_name, checkpoint=checkpoint, defense=defense, device=device,
+                                 sha256=sha256)
 
 
-def attack_subset(entry, n: int, seed: int, dataset=None, root=None, download=False, device="cpu"):
+def attack_subset(entry, n: int, seed: int, dataset=None, root=None, download=False, device="cpu",
+                  first_n: bool = False):
     ds = subset(load_dataset(dataset or entry.dataset, "test", root=root, download=download), n,
-                seed=seed)
+                seed=seed, first_n=first_n)
     return ds, ds.images.to(device), ds.labels.to(device)
 
 
@@ -65,18 +81,21 @@ def run_attack(model_name: str, attack: str, checkpoint=None, defense=None, n: i
                steps: int = 10, surrogate: Optional[str] = None, mode: str = "efficient",
                kas: str = "1-9", lams: str = "0.5,1", aa_attacks: str = "apgd-ce,apgd-t,fab-t,square",
                aa_budget: Optional[dict] = None, ta_kwargs: Optional[dict] = None,
-               batch_size: int = 100, device: str = "cpu", dataset=None, root=None,
-               download: bool = False, allow_untrained: bool = False, progress: bool = True) -> dict:
+               batch_size: int = 100, device: str = "auto", dataset=None, root=None,
+               download: bool = False, allow_untrained: bool = False, progress: bool = True,
+               first_n: bool = False, sha256=None) -> dict:
     name, _, sub = attack.partition(":")
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {attack!r}; choose one of {list(ATTACKS)} "
                          "('torchattacks:NAME' for a torchattacks class)")
-    entry, model = load_for_attack(model_name, checkpoint, defense, device, allow_untrained, seed)
+    device = resolve_device(device)
+    entry, model = load_for_attack(model_name, checkpoint, defense, device, allow_untrained, seed,
+                                   sha256=sha256)
     eps = eps if eps is not None else (entry.eps or DEFAULT_EPS.get(dataset or entry.dataset))
     if eps is None:
         raise ValueError(f"{model_name!r} has no threat-model eps; pass --eps")
     alpha = eps / 4 if alpha is None else alpha
-    ds, x, y = attack_subset(entry, n, seed, dataset, root, download, device)
+    ds, x, y = attack_subset(entry, n, seed, dataset, root, download, device, first_n)
     reported = getattr(model, "defense", None)
     src = make_surrogate(surrogate) if surrogate else None
     if src is None and getattr(model, "is_deq", False):
@@ -104,16 +123,19 @@ def run_attack(model_name: str, attack: str, checkpoint=None, defense=None, n: i
             raise ValueError("torchattacks needs a class name: 'torchattacks:PGD'")
         out = torchattacks_attack(judged, x, y, eps, sub, seed=seed, batch_size=batch_size,
                                   **(ta_kwargs or {}))
+    records = out.records([int(i) for i in ds.indices])
     result = {
-        "model": model_name, "checkpoint": str(checkpoint) if checkpoint else entry.checkpoint,
+        "model": model_name, **checkpoint_identity(entry, checkpoint),
         "reported": None if reported is None else reported.config(),
-        "dataset": {"name": ds.info.name, "split": "test", "n": len(ds), "seed": seed},
-        "attack": out.config, "provenance": provenance(device),
+        "dataset": {"name": ds.info.name, "split": "test", "n": len(ds), "seed": seed,
+                    "first_n": bool(first_n)},
+        "attack": out.config, "device": device, "provenance": provenance(device),
         "summary": {"robust_accuracy": out.accuracy, "n": len(x),
+                    "nonfinite": sum(r["nonfinite"] for r in records),
                     "nfev_per_example": float(out.nfev.mean()),
                     "f_equivalents_per_example": float(out.f_equivalents.mean()),
                     "wall_s": time.perf_counter() - t0, **out.extra},
-        "per_example": out.records([int(i) for i in ds.indices]),
+        "per_example": [{**r, "status": "nonfinite" if r["nonfinite"] else "ok"} for r in records],
     }
     if src is not None and getattr(model, "is_deq", False):
         result["summary"]["surrogate_clean_agreement"] = surrogate_agreement(judged, x)
@@ -126,11 +148,12 @@ def run_attack(model_name: str, attack: str, checkpoint=None, defense=None, n: i
 
 def bench_grid(model_name: str, checkpoint=None, defense=None, n: int = 32, seed: int = 0,
                modes=("efficient", "naive"), kas="1-9", lams="0.5,1", eps=None, alpha=None,
-               steps: int = 10, batch_size: int = 100, device: str = "cpu",
+               steps: int = 10, batch_size: int = 100, device: str = "auto",
                allow_untrained: bool = False, progress: bool = True) -> dict:
     """The (i, Ka, lambda) grid's per-example worst case in several modes on the same examples
     and seeds, in one run: f_theta evaluations per example (raw and in the reference's F
     units: forward + 2 x backward), wall time, worst-case accuracy and min-over-means."""
+    device = resolve_device(device)
     entry, model = load_for_attack(model_name, checkpoint, defense, device, allow_untrained, seed)
     eps = eps if eps is not None else (entry.eps or DEFAULT_EPS.get(entry.dataset))
     if eps is None:

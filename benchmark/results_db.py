@@ -18,10 +18,13 @@ with pandas (:func:`ResultsDB.records_frame`); nothing re-attacks to draw a plot
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import time
 from pathlib import Path
 from typing import Iterable, Optional
+
+from model_zoo.scoring import record_status
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -33,14 +36,25 @@ CREATE TABLE IF NOT EXISTS records (
     model TEXT NOT NULL, defense TEXT NOT NULL, attack TEXT NOT NULL, setting TEXT NOT NULL,
     example INTEGER NOT NULL, label INTEGER, correct INTEGER NOT NULL, margin REAL,
     state TEXT, entropies TEXT, residuals TEXT, nfev_nograd REAL, nfev_grad REAL,
-    wall_s REAL, unit_id TEXT NOT NULL, extra TEXT,
+    wall_s REAL, unit_id TEXT NOT NULL, extra TEXT, status TEXT, final_residual REAL,
     PRIMARY KEY (model, defense, attack, setting, example));
 CREATE INDEX IF NOT EXISTS records_by_attack ON records (model, defense, attack);
 """
 
 RECORD_FIELDS = ("model", "defense", "attack", "setting", "example", "label", "correct", "margin",
                  "state", "entropies", "residuals", "nfev_nograd", "nfev_grad", "wall_s",
-                 "unit_id", "extra")
+                 "unit_id", "extra", "status", "final_residual")
+# Columns added after the first release: databases written before get them on open (NULL).
+_ADDED_COLUMNS = {"status": "TEXT", "final_residual": "REAL"}
+
+
+class ResultsDBError(ValueError):
+    """A results database that cannot be read (corrupt, truncated, not SQLite, missing)."""
+
+
+def _recover_hint(path: Path) -> str:
+    return (f"move it aside (mv {path} {path}.broken) and rerun the same command: finished "
+            "work is recomputed into a fresh database, nothing else is touched")
 
 
 class ResultsDB:
@@ -48,13 +62,46 @@ class ResultsDB:
     processes one after another; each process should hold its own file when running in
     parallel (see :func:`merge`)."""
 
-    def __init__(self, path):
+    def __init__(self, path, create: bool = True, residual_threshold: Optional[float] = None):
+        """``create=False`` (readers: tables, figures, leaderboard): a missing file is a
+        :class:`ResultsDBError` and nothing is created. A file that is not a readable SQLite
+        results database is a :class:`ResultsDBError` naming it and saying how to recover.
+        ``residual_threshold``: final relative residual above which a record is
+        ``unconverged`` (default: the run config's ``reliability.residual_threshold``
+        stored in the database, else :data:`model_zoo.scoring.UNCONVERGED_REL_RESIDUAL`)."""
         self.path = Path(path)
+        self._threshold = residual_threshold
+        if self.path.is_dir():
+            raise ResultsDBError(f"{self.path} is a folder, not a results database")
+        if not create and not self.path.is_file():
+            raise ResultsDBError(f"results database not found: {self.path} (run `deqbench "
+                                 "evaluate CONFIG` first, or give the run folder holding "
+                                 "results.sqlite)")
+        if self.path.is_file():
+            with open(self.path, "rb") as f:
+                head = f.read(16)
+            if head and head != b"SQLite format 3\x00":
+                raise ResultsDBError(f"{self.path} is not an SQLite results database (it starts "
+                                     f"with {head[:8]!r}); {_recover_hint(self.path)}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=FULL")
-        self.conn.executescript(SCHEMA)
+        try:
+            self.conn = sqlite3.connect(str(self.path), timeout=60, isolation_level=None)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.executescript(SCHEMA)
+            have = {r[1] for r in self.conn.execute("PRAGMA table_info(records)")}
+            for col, typ in _ADDED_COLUMNS.items():
+                if col not in have:
+                    self.conn.execute(f"ALTER TABLE records ADD COLUMN {col} {typ}")
+            # a truncated file opens but fails on the first read of a damaged page
+            ok = self.conn.execute("PRAGMA quick_check").fetchone()
+            if ok is None or ok[0] != "ok":
+                raise sqlite3.DatabaseError(ok[0] if ok else "integrity check failed")
+        except sqlite3.DatabaseError as e:
+            if getattr(self, "conn", None) is not None:
+                self.conn.close()
+            raise ResultsDBError(f"{self.path} is corrupt or truncated ({e}); "
+                                 f"{_recover_hint(self.path)}") from None
 
     def close(self):
         self.conn.close()
@@ -77,6 +124,15 @@ class ResultsDB:
     def meta(self) -> dict:
         return {k: json.loads(v) for k, v in self.conn.execute("SELECT key, value FROM meta")}
 
+    def residual_threshold(self) -> float:
+        if self._threshold is None:
+            from model_zoo.scoring import UNCONVERGED_REL_RESIDUAL
+            cfg = self.get_meta("config") or {}
+            rel = cfg.get("reliability") if isinstance(cfg, dict) else None
+            self._threshold = float((rel or {}).get("residual_threshold",
+                                                    UNCONVERGED_REL_RESIDUAL))
+        return self._threshold
+
     # -- work units -----------------------------------------------------------------------------
     def done_units(self) -> set:
         return {r[0] for r in self.conn.execute("SELECT unit_id FROM units")}
@@ -90,8 +146,25 @@ class ResultsDB:
         """Write a unit's records and mark it finished, atomically. Returns the record count.
         Committing a unit that is already finished is an error (nothing is counted twice)."""
         rows = []
+        threshold = self.residual_threshold()
         for r in records:
             row = dict(r)
+            # why an example is what it is: 'nonfinite' (non-finite logits, states or residuals:
+            # never a prediction), 'unconverged' (final relative residual above threshold), 'ok'
+            if row.get("status") is None:
+                res = row.get("residuals")
+                if isinstance(res, str):
+                    res = json.loads(res)
+                row["status"], row["final_residual"] = record_status(
+                    row.get("margin"), res, threshold,
+                    True if row.get("nonfinite") else None)
+                if row["final_residual"] is not None and row["final_residual"] != row["final_residual"]:
+                    row["final_residual"] = None  # NaN: SQLite stores NULL; the status says why
+                m = row.get("margin")
+                if row.get("correct") and m is not None and (math.isnan(float(m))
+                                                             or float(m) == float("-inf")):
+                    raise RuntimeError(f"record {row.get('example')} of {unit_id!r} is marked "
+                                       "correct but its logits are not finite")
             for k in ("entropies", "residuals", "extra"):
                 if row.get(k) is not None and not isinstance(row[k], str):
                     row[k] = json.dumps(row[k])

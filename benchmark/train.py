@@ -35,7 +35,8 @@ def build_data(cfg: TrainConfig):
 def run_training(cfg: TrainConfig, resume: bool = False, device: Optional[str] = None,
                  shards: int = 1, progress: bool = True, stop_after: Optional[int] = None,
                  checkpoint_every_s: Optional[float] = 600.0) -> dict:
-    device = device or cfg.device
+    from model_zoo.scoring import resolve_device
+    device = resolve_device(device or cfg.device)  # 'auto': CUDA when available, else CPU
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     ddp_model = None

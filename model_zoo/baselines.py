@@ -6,7 +6,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .mdeq import check_input
+from .mdeq import _param_dtype, check_input
 
 __all__ = ["CheckedClassifier", "SmallCNN", "small_cnn", "resnet18"]
 
@@ -24,7 +24,7 @@ class CheckedClassifier(nn.Module):
         self.num_classes, self.architecture = int(num_classes), architecture
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(x, self.in_channels, self.image_size)
+        check_input(x, self.in_channels, self.image_size, _param_dtype(self))
         out = self.net(x)
         if out.dim() != 2 or out.shape[1] != self.num_classes:
             raise ValueError(f"{self.architecture} returned shape {tuple(out.shape)}, expected "

@@ -262,13 +262,22 @@ class ClassificationHead(nn.Module):
         return self.classifier(y.mean(dim=(2, 3)))
 
 
-def check_input(x, in_channels: int, image_size: Sequence[int]) -> None:
-    """Raise :class:`InputError` unless ``x`` is a finite float batch (B, C, H, W) in [0, 1]."""
+def check_input(x, in_channels: int, image_size: Sequence[int], dtype=None) -> None:
+    """Raise :class:`InputError` unless ``x`` is a finite float batch (B, C, H, W) in [0, 1].
+
+    ``dtype``: the model's parameter dtype; images of another float dtype (float64 data for a
+    float32 model, float16) are refused with the conversion to use rather than converted
+    silently (a silent cast would also hide the precision the caller thinks they evaluate at).
+    Values within a few ulps of [0, 1] (e.g. 1 + 1 ulp from a normalisation round trip) are
+    accepted; a real violation reports the exact range found."""
     if not torch.is_tensor(x):
         raise InputError(f"expected a torch.Tensor of images, got {type(x).__name__}")
     if not torch.is_floating_point(x):
         raise InputError(f"expected float images in [0, 1], got dtype {x.dtype} "
                          "(convert uint8 images with x.float() / 255)")
+    if dtype is not None and x.dtype != dtype:
+        raise InputError(f"expected images of dtype {dtype} (the model's), got {x.dtype}; "
+                         f"convert with x.to({dtype})")
     if x.dim() != 4:
         raise InputError(f"expected a batch of shape (B, C, H, W), got shape {tuple(x.shape)}")
     if x.shape[1] != in_channels:
@@ -281,9 +290,16 @@ def check_input(x, in_channels: int, image_size: Sequence[int]) -> None:
     if not torch.isfinite(x).all():
         raise InputError("input contains NaN or infinite values")
     lo, hi = float(x.detach().min()), float(x.detach().max())
-    if lo < 0 or hi > 1:
+    tol = 4 * torch.finfo(x.dtype).eps
+    if lo < -tol or hi > 1 + tol:
+        # repr, not a rounded format: '.4g' printed 1.0001 as "1" and the message read "[0, 1]"
         raise InputError(f"inputs must lie in [0, 1] (normalisation lives inside the model); "
-                         f"got values in [{lo:.4g}, {hi:.4g}]")
+                         f"got values in [{lo!r}, {hi!r}]")
+
+
+def _param_dtype(module):
+    p = next(module.parameters(), None)
+    return None if p is None else p.dtype
 
 
 class FEvalTotals:
@@ -481,7 +497,7 @@ class MDEQClassifier(nn.Module):
                 check: bool = True) -> CellContext:
         """Validate x, refresh weight norm, draw dropout masks, compute the injection."""
         if check:
-            check_input(x, self.in_channels, self.image_size)
+            check_input(x, self.in_channels, self.image_size, _param_dtype(self))
         self.reset_weight_norm()
         counter = counter or FEvalCounter(x.shape[0], x.device, self.f_evals)
         masks = [blk.drop.sample_mask(x.shape[0], c, x.device, x.dtype)

@@ -71,7 +71,7 @@ class TrainConfig:
     model_overrides: dict = field(default_factory=dict)
     solver: dict = field(default_factory=dict)     # e.g. {max_iter: 8}
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"             # auto: CUDA when available, else CPU
     output: str = "runs/train"
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
@@ -124,8 +124,9 @@ class TrainConfig:
                               "set train.gradient: phantom")
         _range("seed", self.seed, 0, None)
         self._validate_model()
-        if not str(self.device).startswith(("cpu", "cuda")):
-            raise ConfigError(f"device must be 'cpu' or 'cuda[:k]', got {self.device!r}")
+        if not (self.device == "auto" or str(self.device).startswith(("cpu", "cuda"))):
+            raise ConfigError(f"device must be 'cpu' or 'cuda[:k]' or 'auto' (CUDA when "
+                              f"available, else CPU), got {self.device!r}")
 
 
 def _validate_model_impl(cfg) -> None:
@@ -215,16 +216,57 @@ def _range(key, v, lo, hi, open_lo=False):
         raise ConfigError(f"{key} must be {lo_s}{hi_s}, got {v!r}")
 
 
+def _unique_key_loader():
+    """A ``yaml.SafeLoader`` whose mappings refuse duplicate keys at every level: PyYAML's own
+    loaders keep the last value silently, so a config with two ``eps:`` lines would run with
+    whichever came last."""
+    import yaml
+    from yaml.constructor import ConstructorError
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                self.flatten_mapping(node)  # merge keys (<<) are expanded first, not duplicates
+                seen = {}
+                for key_node, _ in node.value:
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        hash(key)
+                    except TypeError:
+                        raise ConstructorError("while constructing a mapping", node.start_mark,
+                                               f"unhashable key {key!r}", key_node.start_mark)
+                    if key in seen:
+                        raise ConstructorError(
+                            "while constructing a mapping", node.start_mark,
+                            f"duplicate key {key!r} (first on line {seen[key] + 1})",
+                            key_node.start_mark)
+                    seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep=deep)
+    return UniqueKeyLoader
+
+
 def read_yaml(path):
-    """Parse a YAML config file; ConfigError for a missing file or invalid YAML."""
+    """Parse a YAML config file (safe loader, duplicate keys refused at every level);
+    ConfigError naming the file for a missing/unreadable file, non-UTF-8 text or invalid YAML."""
     import yaml
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {path}" if not path.exists()
+                          else f"config {path} is not a file")
     try:
-        return yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                          f"{e.start}); save the config as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        return yaml.load(text, Loader=_unique_key_loader())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        one_line = " ".join(str(e).split())
+        raise ConfigError(f"{path}: not valid YAML: {one_line}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
 
 
 def load_train_config(path) -> TrainConfig:

@@ -583,9 +583,10 @@ def test_records_one_dict_per_example(deq, deq_data):
     recs = o.records()
     assert len(recs) == len(x)
     keys = {"example", "attack", "correct", "margin", "broken_by", "nfev_nograd", "nfev_grad",
-            "queries"}
+            "queries", "nonfinite"}
     for b, r in enumerate(recs):
         assert set(r) == keys
+        assert r["nonfinite"] is False  # finite logits (model_zoo.scoring)
         assert r["example"] == b and r["attack"] == "pgd"
         assert r["correct"] is bool(o.correct[b])
         assert r["margin"] == pytest.approx(float(o.margin[b]))
