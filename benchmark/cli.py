@@ -190,7 +190,8 @@ def _evaluate_cmd(args, only=None, title="evaluate"):
             keep = [c for c in summ.columns if c in ("model", "defense", "n", "clean")
                     or c in only or (c in ("min_over_means", "strongest_setting") and "grid" in only)]
             summ = summ[keep]
-        print(summ.to_string(index=False))
+        from benchmark.report.stats import summary_with_intervals
+        print(summary_with_intervals(summ).to_string(index=False))   # % [95% CI]
         if only is not None and "transfer" in only:
             from benchmark.results_db import ResultsDB
             with ResultsDB(res["db"]) as db:

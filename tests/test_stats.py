@@ -90,3 +90,13 @@ def test_resolvable_difference_at_48():
     assert r["min_diff"] == pytest.approx(6 / 48)
     assert r["half_width"] == pytest.approx((0.588 - 0.295) / 2, abs=0.002)
     assert stats.format_interval((0.295, 0.588)) == "[29.5, 58.8]"
+
+
+def test_summary_with_intervals():
+    import pandas as pd
+    summ = pd.DataFrame({"model": ["a", "b"], "n": [48, 48], "clean": [29 / 48, 1.0],
+                         "ALL": [21 / 48, float("nan")], "f_evals_per_forward": [19.0, 0.0]})
+    out = stats.summary_with_intervals(summ)
+    assert out.ALL.tolist() == ["43.75 [29.5, 58.8]", "-"]
+    assert out.clean[1] == "100.00 [92.6, 100.0]"
+    assert out.f_evals_per_forward.tolist() == [19.0, 0.0]       # not an accuracy: untouched

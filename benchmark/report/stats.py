@@ -168,3 +168,35 @@ def resolvable_difference(n: int, acc: float = 0.5, alpha: float = ALPHA) -> dic
     while mcnemar_exact(m, 0) >= alpha:
         m += 1
     return {"n": n, "half_width": (hi - lo) / 2, "min_discordant": m, "min_diff": m / n}
+
+
+#: the accuracy columns of :func:`benchmark.runner.summarize` (fractions over its ``n``)
+SUMMARY_ACCURACIES = ("clean", "pgd", "grid", "autoattack", "adaptive", "checks", "top_settings",
+                      "transfer", "ALL", "min_over_means")
+
+
+def summary_with_intervals(summary, columns: Sequence[str] = SUMMARY_ACCURACIES):
+    """A run summary (one row per model/defense, fractions, an ``n`` column) -> a copy whose
+    accuracy columns read "43.75 [29.5, 58.8]" (percent with the exact 95% interval), for the
+    command line; values that are not a count out of n are printed without an interval."""
+    out = summary.copy()
+    if "n" not in out.columns:
+        return out
+    for col in columns:
+        if col not in out.columns:
+            continue
+        cells = []
+        for v, n in zip(summary[col], summary["n"]):
+            try:
+                v, n = float(v), int(n)
+            except (TypeError, ValueError):
+                cells.append("-")
+                continue
+            if v != v or n <= 0:
+                cells.append("-")
+            elif abs(v * n - round(v * n)) > 1e-6:
+                cells.append(f"{100 * v:.2f}")
+            else:
+                cells.append(f"{100 * v:.2f} {format_interval(clopper_pearson(round(v * n), n))}")
+        out[col] = cells
+    return out
