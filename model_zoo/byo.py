@@ -89,6 +89,9 @@ def import_factory(spec: str, base: Optional[Path] = None) -> Callable[..., nn.M
                 del sys.modules[modname]
                 raise UserModelError(f"cannot import {path}: {type(e).__name__}: {e}") from None
     else:
+        # like `python -m`: modules of the working directory are importable
+        if "" not in sys.path and str(Path.cwd()) not in sys.path:
+            sys.path.insert(0, str(Path.cwd()))
         try:
             mod = importlib.import_module(target)
         except Exception as e:

@@ -428,3 +428,31 @@ def test_custom_checkpoint_never_replaces_the_zoo_entry(tmp_path):
         _check_identity(tmp_path / "lb", new, user)
     new["deq"]["weights_sha256"] = "a" * 64
     _check_identity(tmp_path / "lb", new, user)          # the same weights: fine
+
+
+def test_cli_model_from_user_code(capsys, monkeypatch):
+    """--model-file / --model-factory: the same keys as a config's factory model; bad input is
+    one line naming the argument, exit 2."""
+    from benchmark.cli import main
+    monkeypatch.chdir(ROOT)
+    args = ["eval", "--model-file", "examples/byo/cnn_fmnist.py:make_model", "--model", "cli_cnn",
+            "--checkpoint", str(CNN_CKPT), "--sha256", _sha_file(CNN_CKPT), "--n", "40",
+            "--dataset", "fashion_mnist", "--first-n"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "cli_cnn on fashion_mnist test subset n=40" in out
+    acc = float(out.split("clean accuracy of the reported forward: ")[1].split("%")[0])
+    assert acc > 60
+    assert mz.get_entry("cli_cnn").sha256 == _sha_file(CNN_CKPT)
+    bad = [(["--model-file", "examples/byo/cnn_fmnist.py"], "--model-file: expected FILE.py"),
+           (["--model-file", "examples/byo/nope.py:f"], "factory file not found"),
+           (["--model-factory", "examples.byo.cnn_fmnist:make_model", "--sha256", "0" * 64],
+            "argument --sha256"),
+           (["--model-factory", "examples.byo.cnn_fmnist:make_model", "--model-kwargs", "[1]"],
+            "--model-kwargs: a JSON object")]
+    for extra, msg in bad:
+        base = ["eval", "--checkpoint", str(CNN_CKPT), "--n", "4", "--dataset", "fashion_mnist"]
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1, err
