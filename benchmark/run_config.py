@@ -34,16 +34,22 @@ from model_zoo.train_config import ConfigError, read_yaml
 __all__ = ["RunConfig", "ModelSpec", "load_run_config", "ConfigError", "ATTACK_KEYS",
            "parse_source"]
 
-ATTACK_KEYS = {
-    "pgd": {"steps", "alpha", "random_start", "surrogate"},
-    "grid": {"steps", "alpha", "kas", "lams", "mode", "preset", "on_test_time_defenses"},
-    "autoattack": {"attacks", "budget", "surrogate", "on_test_time_defenses"},
-    "checks": {"steps", "alpha", "square_queries", "large_eps", "surrogate",
-               "on_test_time_defenses"},
-    "adaptive": {"steps", "alpha", "ka", "lam"},
-    "top_settings": {"k", "attacks", "budget", "on_test_time_defenses"},
-    "transfer": {"sources", "targets", "steps", "alpha", "surrogates"},
-}
+
+def attack_keys() -> dict:
+    """Attack key -> the option names ``attacks.<key>`` accepts, from the protocol-attack
+    registry (:mod:`benchmark.suite`: one module per key declares its options)."""
+    from benchmark.suite import attack_options, config_attacks
+    return {k: attack_options(k) for k in config_attacks()}
+
+
+def __getattr__(name):
+    # ATTACK_KEYS stays importable; it is computed from the registry (imported lazily: the
+    # suite's modules import this one)
+    if name == "ATTACK_KEYS":
+        return attack_keys()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 TOP_KEYS = {"name", "output", "seed", "device", "batch_size", "shard_size", "data", "threat",
             "models", "attacks", "description"}
 DATA_KEYS = {"dataset", "n", "seed", "root", "val_n", "val_seed"}
@@ -221,43 +227,21 @@ def from_dict(raw: dict, source: Optional[str] = None) -> RunConfig:
     attacks = raw.get("attacks") or {}
     if not isinstance(attacks, dict):
         _err("attacks", f"must be a mapping of attack name -> options, got {attacks!r}")
+    from benchmark.suite import get_attack
+    known = attack_keys()
     for name, opts in attacks.items():
-        if name not in ATTACK_KEYS:
-            _err(f"attacks.{name}", f"unknown attack (known: {sorted(ATTACK_KEYS)})")
+        if name not in known:
+            _err(f"attacks.{name}", f"unknown attack (known: {sorted(known)})")
         opts = dict(opts or {})
-        bad = set(opts) - ATTACK_KEYS[name]
+        bad = set(opts) - known[name]
         if bad:
-            _err(f"attacks.{name}.{sorted(bad)[0]}", f"unknown option (known: {sorted(ATTACK_KEYS[name])})")
+            _err(f"attacks.{name}.{sorted(bad)[0]}", f"unknown option (known: {sorted(known[name])})")
         if "steps" in opts:
             _int(opts, "steps", 1, f"attacks.{name}.")
         if "alpha" in opts and (not isinstance(opts["alpha"], (int, float)) or opts["alpha"] <= 0):
             _err(f"attacks.{name}.alpha", f"must be > 0, got {opts['alpha']!r}")
         _check_common(name, opts)
-        if name == "grid":
-            if opts.get("mode", "efficient") not in ("efficient", "full", "naive"):
-                _err("attacks.grid.mode", f"must be efficient, full or naive, got {opts['mode']!r}")
-            for ka in opts.get("kas", []):
-                if not isinstance(ka, int) or ka < 1:
-                    _err("attacks.grid.kas", f"every Ka must be an integer >= 1, got {ka!r}")
-            for lam in opts.get("lams", []):
-                if not isinstance(lam, (int, float)) or not 0 < lam <= 1:
-                    _err("attacks.grid.lams", f"every lambda must be in (0, 1], got {lam!r}")
-        if name == "top_settings":
-            if "grid" not in attacks:
-                _err("attacks.top_settings", "needs attacks.grid (its top settings are the grid's)")
-            if "k" in opts:
-                _int(opts, "k", 1, "attacks.top_settings.")
-        if name in ("autoattack", "top_settings"):
-            from attacks.evaluation import AA_STANDARD_BUDGET, AUTOATTACK_NAMES
-            for a in opts.get("attacks", []):
-                if a not in AUTOATTACK_NAMES:
-                    _err(f"attacks.{name}.attacks", f"unknown attack {a!r} (known: {list(AUTOATTACK_NAMES)})")
-            for k, v in (opts.get("budget") or {}).items():
-                if k not in AA_STANDARD_BUDGET:
-                    _err(f"attacks.{name}.budget.{k}", f"unknown knob (known: {sorted(AA_STANDARD_BUDGET)})")
-                _int({k: v}, k, 1, f"attacks.{name}.budget.")
-        if name == "transfer":
-            _check_transfer(cfg, opts)
+        get_attack(name).check(opts, cfg, attacks)  # the attack's own options (benchmark/suite)
         attacks[name] = opts
     cfg.attacks = attacks
     return cfg
@@ -324,25 +308,6 @@ def parse_source(spec: str, cfg: RunConfig):
                                      f"{[defense_text(d) for d in m.defenses]})")
     _err("attacks.transfer", f"{spec!r}: no model {mkey!r} in this run "
                              f"(models: {[m.key for m in cfg.models]})")
-
-
-def _check_transfer(cfg: RunConfig, opts: dict):
-    for k in ("sources", "targets"):
-        v = opts.get(k)
-        if v is not None and (not isinstance(v, list) or not v):
-            _err(f"attacks.transfer.{k}", f"must be a non-empty list of 'MODEL@DEFENSE', got {v!r}")
-        for spec in v or []:
-            parse_source(spec, cfg)
-    surs = opts.get("surrogates", ["strongest"])
-    if not isinstance(surs, list) or not surs:
-        _err("attacks.transfer.surrogates", f"must be a non-empty list, got {surs!r}")
-    from attacks.surrogates import make_surrogate
-    for sp in surs:
-        if sp != "strongest":
-            try:
-                make_surrogate(sp)
-            except ValueError as e:
-                _err("attacks.transfer.surrogates", str(e))
 
 
 def load_run_config(path) -> RunConfig:

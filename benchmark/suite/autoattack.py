@@ -1,0 +1,51 @@
+"""``autoattack``: the AutoAttack ensemble (Croce & Hein 2020: APGD-CE, APGD-T, FAB-T, Square by
+default; pyautoattack) through ``JudgedModule``, so every success is judged on the reported
+forward; for DEQs the gradient is the ``surrogate`` (default 'strongest': the grid setting that
+broke the most of the shard's examples, else the phantom gradient at the final state)."""
+from __future__ import annotations
+
+from attacks.evaluation import AA_STANDARD_BUDGET, AUTOATTACK_NAMES, autoattack_attack
+from attacks.surrogates import JudgedModule
+from benchmark.suite._common import outcome_records, plain, surrogate_for
+from benchmark.suite._registry import ProtocolAttack, check_int, config_error, register_attack
+
+
+def check_autoattack_options(name: str, opts: dict) -> None:
+    """``attacks`` (pyautoattack's names) and ``budget`` (its knobs, integers >= 1) of
+    ``attacks.<name>``."""
+    for a in opts.get("attacks", []):
+        if a not in AUTOATTACK_NAMES:
+            config_error(f"attacks.{name}.attacks", f"unknown attack {a!r} (known: {list(AUTOATTACK_NAMES)})")
+    for k, v in (opts.get("budget") or {}).items():
+        if k not in AA_STANDARD_BUDGET:
+            config_error(f"attacks.{name}.budget.{k}", f"unknown knob (known: {sorted(AA_STANDARD_BUDGET)})")
+        check_int({k: v}, k, 1, f"attacks.{name}.budget.")
+
+
+@register_attack("autoattack")
+class AutoAttack(ProtocolAttack):
+    options = {"attacks": ("apgd-ce", "apgd-t", "fab-t", "square"), "budget": None,
+               "surrogate": "strongest", "on_test_time_defenses": True}
+    order = 40
+
+    def check(self, opts, cfg, attacks):
+        check_autoattack_options("autoattack", opts)
+
+    def applicable(self, model, defense, opts):
+        return plain(defense) or opts.get("on_test_time_defenses", True)
+
+    def run(self, ctx):
+        sur = surrogate_for(ctx.db, ctx.model, ctx.mkey, ctx.dkey, ctx.idx, ctx.opt("surrogate"))
+        out = autoattack_attack(JudgedModule(ctx.model, ctx.defense, sur), ctx.x, ctx.y, ctx.eps,
+                                attacks=ctx.opt("attacks"), budget=ctx.opt("budget"),
+                                seed=ctx.seed, batch_size=ctx.cfg.batch_size,
+                                progress=ctx.progress)
+        return outcome_records(out, ctx.idx, ctx.y, "ensemble", ctx.state, ctx.model,
+                               ctx.defense, ctx.x), out.config
+
+    def summary(self, g, clean):
+        a = g[(g.attack == "autoattack") & (g.setting == "ensemble")]
+        if not len(a):
+            return None, {}
+        s = a.set_index("example").correct
+        return s, {"autoattack": s.reindex(clean.index).fillna(0).mean()}
