@@ -124,6 +124,8 @@ _CI_COLUMNS = {"clean": "clean", "autoattack": "autoattack", "worst_case": "ALL"
                "min_over_means": "min_over_means"}
 FOOTNOTE = "rendered from the JSON entries in this folder; do not edit by hand"
 OUTPUT_NAMES = {"md": "leaderboard.md", "csv": "leaderboard.csv", "html": "leaderboard.html"}
+#: JSON files of a leaderboard folder that are not entries (the claims' verdicts, a copy)
+NON_ENTRY_FILES = ("claims.json",)
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _MAX_NAME = 200
@@ -521,6 +523,8 @@ def read_entries(folder: os.PathLike | str) -> list[dict]:
         raise FileNotFoundError(f"leaderboard folder {folder} does not exist")
     entries = []
     for path in sorted(folder.glob("*.json")):
+        if path.name in NON_ENTRY_FILES:
+            continue
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
@@ -1157,7 +1161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except (ValueError, FileNotFoundError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        n = len(list(Path(args.folder).glob("*.json")))
+        n = len([p for p in Path(args.folder).glob("*.json") if p.name not in NON_ENTRY_FILES])
         print(f"rendered {n} entr{'y' if n == 1 else 'ies'} from {args.folder}:")
         for kind in ("md", "csv", "html"):
             print(f"  {paths[kind]}")

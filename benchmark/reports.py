@@ -107,6 +107,9 @@ def leaderboard_from_db(db_path, root="leaderboards", render_files: bool = True)
         prune_stale_entries(paths[0].parent, cfg.get("name"), keep=paths)
     if render_files and paths:
         render(paths[0].parent)
+        # the paper's claims as verdicts, beside the run's database and in the leaderboard folder
+        from benchmark.report.claims import write_claims
+        write_claims(db_path, leaderboard=paths[0].parent)
     return paths
 
 

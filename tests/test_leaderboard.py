@@ -514,6 +514,13 @@ def test_html_sorts_in_headless_chromium(tmp_path):
 # intervals, paired comparisons, page width
 # --------------------------------------------------------------------------------------------
 
+def test_claims_json_beside_the_entries_is_not_an_entry(tmp_path):
+    folder, _ = _render_three(tmp_path)
+    (folder / "claims.json").write_text(json.dumps({"claims": []}))
+    assert [e["name"] for e in lb.read_entries(folder)] == ["deq_z10", "deq_z7", "resnet18_pgd"]
+    assert lb.main(["render", str(folder)]) == 0
+
+
 def test_make_entry_fills_counts_and_clopper_pearson_intervals():
     from benchmark.report.stats import clopper_pearson
     e = _entry("deq_n48", 29 / 48, 21 / 48, 20 / 48,
@@ -608,6 +615,8 @@ def _committed_like_folder(tmp_path):
     import random
     rng = random.Random(0)
     for p in sorted(src.glob("*.json")):
+        if p.name in lb.NON_ENTRY_FILES:
+            continue
         e = json.loads(p.read_text())
         deq = e["deq"]
         n = deq["n_examples"]
@@ -668,9 +677,12 @@ def test_committed_leaderboard_rerenders_identically(tmp_path):
     for p in src.glob("*.json"):
         shutil.copy(p, folder / p.name)
     paths = lb.render(folder)
+    assert {e["name"] + ".json" for e in lb.read_entries(folder)} == \
+        {p.name for p in src.glob("*.json")} - set(lb.NON_ENTRY_FILES)
     for kind, path in paths.items():
         assert path.read_text() == (src / path.name).read_text(), \
             f"{src / path.name} is stale: run python -m benchmark.leaderboard render {src}"
-    for p in src.glob("*.json"):   # every committed accuracy carries n and its interval
+    for p in (q for q in src.glob("*.json") if q.name not in lb.NON_ENTRY_FILES):
+        # every committed accuracy carries n and its interval
         deq = json.loads(p.read_text())["deq"]
         assert deq["n_examples"] >= 1 and set(deq["ci95"]) >= {"clean", "autoattack", "ALL"}
