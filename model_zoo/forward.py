@@ -289,7 +289,7 @@ class _SegmentedDynamics(_Forward):
         x_cur = x.detach()
         z = model.zero_state(x)
         memory, gx0 = None, None
-        parts, inputs = [], []
+        parts, inputs, update_states = [], [], []
         nseg = N // self.tf
         for seg in range(nseg):
             r = solver.solve(ctx.f, z, gx0=gx0, memory=memory)
@@ -298,6 +298,7 @@ class _SegmentedDynamics(_Forward):
             z, memory = r.best, r.memory
             if seg == nseg - 1:
                 break  # the reference's R-loop after the last segment changes nothing reported
+            update_states.append(z)
             x_new = self._update_input(model, x, x_cur, z, ctx, seg)
             if x_new is not x_cur:
                 # The lift needs g at z under the old input: memory.gx is g at the LAST iterate,
@@ -307,7 +308,10 @@ class _SegmentedDynamics(_Forward):
             with torch.no_grad():
                 gx0 = ctx.f(z) - z  # g_new(z): the lift's f-eval doubles as the segment start
             memory = lift_memory(memory, gx0, memory.gx)
-        return _concat(parts, model.solver.decisions), ctx, {"segment_inputs": inputs}
+        # update_states[k]: the state the k-th input update held fixed (for the differentiable
+        # replay of attacks.adaptive.ThroughDefense)
+        return _concat(parts, model.solver.decisions), ctx, {"segment_inputs": inputs,
+                                                             "update_states": update_states}
 
     # Algorithm 1: one solver step at a time; every Tf steps update the input R times with
     # Eq. (8) and re-solve z[t+1] from z[t] under the new input.
@@ -319,10 +323,11 @@ class _SegmentedDynamics(_Forward):
         ctx = copy.copy(ctx_orig)
         x_cur = x.detach()
         z = model.zero_state(x)
-        memory, gx, parts, inputs = None, None, [], []
+        memory, gx, parts, inputs, update_states = None, None, [], [], []
         for t in range(N):
             r = solver.solve(ctx.f, z, gx0=gx, memory=memory)
             if (t + 1) % self.tf == 0 and self.r_updates() > 0:
+                update_states.append(r.states[0])
                 x_cur = self._update_input(model, x, x_cur, r.states[0], ctx, t // self.tf)
                 ctx.set_input(x_cur)
                 r = solver.solve(ctx.f, z, memory=memory)  # re-solve z[t+1] from z[<=t]
@@ -331,7 +336,7 @@ class _SegmentedDynamics(_Forward):
             z, memory, gx = r.states[0], r.memory, r.memory.gx
         traj = _concat(parts, model.solver.decisions)
         _stop_check(traj, model.solver)
-        return traj, ctx, {"step_inputs": inputs}
+        return traj, ctx, {"step_inputs": inputs, "update_states": update_states}
 
 
 def _stop_check(traj, solver):
