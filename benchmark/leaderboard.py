@@ -729,12 +729,13 @@ def paired_sections(entries: Iterable[dict]) -> dict:
 
     * ``neighbours``: ALL of rank r vs rank r + 1;
     * ``defense``: ALL (and clean) of a defended entry vs the same model undefended;
+    * ``sec33``: ALL of a Sec. 3.3 model (``X_sec33``) vs its baseline ``X``, same defense;
     * ``attacks``: within an entry, every pair of the attack families it holds;
     * ``matrix``: ALL of every entry vs every other (``names``, ``diff``, ``p``).
     Rows whose entries carry no ``deq.outcomes`` have ``comparison: None``."""
     ordered = sort_entries(entries)
     rank = {e["name"]: i + 1 for i, e in enumerate(ordered)}
-    out: dict = {"neighbours": [], "defense": [], "attacks": [], "matrix": None}
+    out: dict = {"neighbours": [], "defense": [], "sec33": [], "attacks": [], "matrix": None}
     for a, b in zip(ordered, ordered[1:]):
         out["neighbours"].append({"a": a["name"], "b": b["name"], "rank_a": rank[a["name"]],
                                   "rank_b": rank[b["name"]], "what": "ALL",
@@ -749,6 +750,13 @@ def paired_sections(entries: Iterable[dict]) -> dict:
                                    "defense": defense_words(_deq(e).get("defense"),
                                                             _deq(e).get("defense_params"))[1],
                                    "comparison": _paired(e, by_name[base], what)})
+    for e in ordered:   # Sec. 3.3 training vs its baseline (X_sec33 vs X, same defense)
+        base, sep, rest = e["name"].partition("+")
+        if "_sec33" in base:
+            other = base.replace("_sec33", "", 1) + sep + rest
+            if other in by_name:
+                out["sec33"].append({"a": e["name"], "b": other, "what": "ALL",
+                                     "comparison": _paired(e, by_name[other])})
     for e in ordered:
         fams = [k for k in (_deq(e).get("outcomes") or {}) if k not in ("examples", "clean", "ALL")]
         for i, fa in enumerate(fams):
@@ -859,6 +867,9 @@ def _render_md(rows: list[dict], dataset: str, threat: str, eps: str,
     lines += table("Defense vs the same model undefended (paired)",
                    "A defended forward vs its model's plain final-state entry, same examples.",
                    sec["defense"], lambda it: f"{it['a']} vs {it['b']} ({it['what']})")
+    lines += table("Sec. 3.3 vs its baseline (paired, ALL)",
+                   "A model trained with Sec. 3.3 vs the same recipe without it, same defense and "
+                   "examples.", sec["sec33"], lambda it: f"{it['a']} vs {it['b']}")
     lines += table("Attack vs attack within an entry (paired)",
                    "Robust accuracy under one attack family minus another, same entry and examples "
                    "(negative: the first attack is stronger).",
@@ -1078,6 +1089,10 @@ def _render_html(rows: list[dict], entries_by_name: dict, dataset: str, threat: 
         {"id": "defense", "open": True, "title": "Defense vs the same model undefended (paired)",
          "intro": "A defended forward vs its model's plain final-state entry, same examples.",
          "rows": items(sec["defense"], lambda it: f"{it['a']} vs {it['b']} ({it['what']})")},
+        {"id": "sec33", "open": True, "title": "Sec. 3.3 vs its baseline (paired, ALL)",
+         "intro": "A model trained with Sec. 3.3 vs the same recipe without it, same defense "
+                  "and examples.",
+         "rows": items(sec["sec33"], lambda it: f"{it['a']} vs {it['b']}")},
         {"id": "attacks", "open": False, "title": "Attack vs attack within an entry (paired)",
          "intro": "Robust accuracy under one attack family minus another, same entry and "
                   "examples (negative: the first attack is stronger).",

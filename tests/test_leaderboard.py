@@ -576,6 +576,11 @@ def test_paired_sections_by_value():
     assert d_all["comparison"]["diff"] == pytest.approx(-2 / 24)
     assert d_all["defense"].startswith("Sec. 3.2 entropy reduction (Tf=2, R=10)")
     assert d_clean["comparison"]["diff"] == 0 and d_clean["comparison"]["p"] == 1.0
+    # Sec. 3.3 vs its baseline: only when both X_sec33 and X are on the board
+    assert sec["sec33"] == []
+    s33 = lb.paired_sections(es + [_outcome_entry("m_b_sec33", "1" * 24, top_all)])["sec33"]
+    assert [(it["a"], it["b"]) for it in s33] == [("m_b_sec33", "m_b")]
+    assert (s33[0]["comparison"]["b"], s33[0]["comparison"]["c"]) == (7, 2)
     # attack vs attack within an entry: pgd vs grid on m_a (4 zeros at the same places)
     (att,) = sec["attacks"]
     assert (att["entry"], att["a"], att["b"]) == ("m_a", "pgd", "grid")
