@@ -50,14 +50,14 @@ test-fast: setup
 # configs/eval/fmnist_zoo_demo.yaml), then the leaderboard, the paper's tables and figures.
 # Resumable: run it again after an interruption; a finished run only re-reads its database.
 # The demo's leaderboard goes into its own run folder ($(DEMO_LB)), never over the committed
-# leaderboards/fashion_mnist-Linf/ (a fresh clone stays clean after `make demo`).
+# leaderboards/fashion_mnist-Linf/ (a fresh clone stays clean after `make demo`); `deqbench
+# leaderboard` also writes the claims' verdicts (RUN/claims.md, copied beside the entries).
 DEMO_RUN := runs/demo/fmnist_zoo_demo
 DEMO_LB := $(DEMO_RUN)/leaderboard
 demo: setup data
 	$(VENV)/bin/deqbench leaderboard configs/eval/fmnist_zoo_demo.yaml --root $(DEMO_LB)
 	$(VENV)/bin/deqbench tables $(DEMO_RUN)
 	$(VENV)/bin/deqbench figures $(DEMO_RUN)
-	$(VENV)/bin/deqbench claims $(DEMO_RUN) --leaderboard $(DEMO_LB)/fashion_mnist-Linf
 	$(VENV)/bin/deqbench export $(DEMO_RUN)
 	cp $(DEMO_RUN)/figures/fig3a_deq_tiny_fmnist_trades_sec33__final.png $(DEMO_RUN)/figures/fig3c_deviation.png $(DEMO_LB)/fashion_mnist-Linf/
 	@echo "leaderboard: $(DEMO_LB)/fashion_mnist-Linf/leaderboard.{md,csv,html}"

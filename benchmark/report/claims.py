@@ -74,8 +74,8 @@ def _verdict(p_adj: Optional[float], effect: float) -> str:
 
 
 def _mc_test(label, xa, xb, what_a, what_b, note=""):
-    """Paired accuracies; effect = acc(b) - acc(a)... given as: a = the side the paper says is
-    HIGHER in robust accuracy (so effect > 0 is the paper's direction)."""
+    """Paired accuracies over the same examples: ``xa`` is the side the paper says has the HIGHER
+    robust accuracy, so effect = acc(a) - acc(b) > 0 is the paper's direction."""
     pc = paired_comparison(xa, xb)
     return {"test": label, "kind": "McNemar exact (Newcombe 95% CI)", "n": pc.n,
             "effect": pc.diff, "effect_text": f"{what_a} {100 * pc.acc_a:.2f}% vs {what_b} "
