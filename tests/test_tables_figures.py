@@ -286,6 +286,11 @@ def test_table6_7_grid_statistics_over_settings(full_run):
     assert (r.dH_avg, r.dH_min, r.dH_max) == pytest.approx((0.05 - 0.05 * 7.5, -0.70, 0.05))
     assert r.P_min_setting == _ui(1, 1, 0.5) and r.dH_min_setting == _ui(4, 2, 1.0)
     assert any("16 setting(s) skipped" in f for f in t.attrs["footnotes"])
+    # over V = the 7 attacked (clean-correct) inputs e0..e6 (e7 is clean-wrong, not attacked):
+    # P_V = 4/7 for si >= 1, 0 for si = 0; dH_V = (4 x (-0.1 si) + 3 x 0.1) / 7
+    assert r.n_V == 7
+    assert (r.P_avg_V, r.P_min_V, r.P_max_V) == pytest.approx((15 * 4 / 7 / 16, 0.0, 4 / 7))
+    assert r.dH_avg_V == pytest.approx((-0.4 * 7.5 + 0.3) / 7)
 
 
 def test_table4_and_speed(full_run):
