@@ -95,11 +95,16 @@ class PhantomFinal(_ForwardSource):
 
 
 class ImplicitFinal(_ForwardSource):
-    """The exact implicit (IFT) gradient at the final state (``AttackGrad='real'``)."""
+    """The implicit (IFT) gradient at the final state (``AttackGrad='real'``): head(f(z*)) with
+    the adjoint (I - J_f(z*)^T)^{-1} g solved by Broyden. Defaults = the released code:
+    B_THRES = 7 steps, batch-level decisions (``backward='reference'``); ``backward='sample'``
+    decides per sample (see :func:`model_zoo.forward.implicit_step`)."""
     name = "implicit_final"
 
-    def __init__(self, backward_iter: int = 30):
-        super().__init__(FinalState(steps=0, gradient="implicit", backward_iter=backward_iter))
+    def __init__(self, backward_iter: int = 7, backward: str = "reference",
+                 backward_eps: Optional[float] = None):
+        super().__init__(FinalState(steps=0, gradient="implicit", backward_iter=backward_iter,
+                                    backward=backward, backward_eps=backward_eps))
 
 
 class FullBackprop(GradientSource):

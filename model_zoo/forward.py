@@ -29,7 +29,7 @@ from torch import Tensor
 from .solvers import Broyden, Trajectory, lift_memory
 
 __all__ = ["ForwardRecord", "FinalState", "EarlyState", "EntropyReduction", "SegmentedSolve",
-           "RandomIntermediate", "implicit_step", "unroll",
+           "RandomIntermediate", "implicit_step", "IMPLICIT_PRESETS", "unroll",
            "prediction_entropy", "make_defense", "DEFENSES"]
 
 
@@ -136,7 +136,8 @@ class FinalState(_Forward):
     name = "final"
 
     def __init__(self, steps: int = 9, lam: float = 0.5, first_full: bool = True,
-                 from_state: str = "best", gradient: str = "phantom", backward_iter: int = 7):
+                 from_state: str = "best", gradient: str = "phantom", backward_iter: int = 7,
+                 backward: str = "reference", backward_eps: Optional[float] = None):
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
         _check_lam(lam)
@@ -146,14 +147,19 @@ class FinalState(_Forward):
             raise ValueError(f"gradient must be 'phantom' or 'implicit', got {gradient!r}")
         if backward_iter < 1:
             raise ValueError(f"backward_iter must be >= 1, got {backward_iter}")
+        _check_backward(backward, backward_eps)
         self.steps, self.lam, self.first_full, self.from_state = int(steps), float(lam), bool(first_full), from_state
         self.gradient, self.backward_iter = gradient, int(backward_iter)
+        self.backward, self.backward_eps = backward, backward_eps
 
     def config(self):
         c = {"name": self.name, "steps": self.steps, "lam": self.lam,
              "first_full": self.first_full, "from_state": self.from_state}
         if self.gradient != "phantom":
-            c.update(gradient=self.gradient, backward_iter=self.backward_iter)
+            c.update(gradient=self.gradient, backward_iter=self.backward_iter,
+                     backward=self.backward)
+            if self.backward_eps is not None:
+                c["backward_eps"] = self.backward_eps
         return c
 
     def readout(self, model, traj, ctx_end, x_orig, ctx_orig=None, unroll_ctx=None):
@@ -162,40 +168,77 @@ class FinalState(_Forward):
             z = z.detach()
         uctx = unroll_ctx or ctx_end
         if self.gradient == "implicit":
-            u = implicit_step(uctx, z, self.backward_iter)
+            u = implicit_step(uctx, z, self.backward_iter, self.backward, self.backward_eps)
         else:
             u = unroll(uctx, z, self.steps, self.lam, self.first_full)
         logits = uctx.head(u)
         return logits, "final", logits
 
 
-def implicit_step(ctx, z_star: Tensor, backward_iter: int = 7) -> Tensor:
-    """f(z*) whose backward applies the implicit-function-theorem gradient
-    (I - J_f(z*)^T)^{-1} g, solved with Broyden for ``backward_iter`` steps (the reference's
-    ``AttackGrad='real'`` / exact-gradient training, B_THRES = 7)."""
-    z_star = z_star.detach()
-    out = ctx.f(z_star.requires_grad_(torch.is_grad_enabled()))
+# The backward solver of the implicit gradient. ``reference``: the released code's b_solver
+# (Broyden, B_THRES steps, its fixed eps 1e-3, stop mode 'rel', the protective break, stopping
+# and lowest-residual choice on Frobenius norms over the whole batch); ``sample``: the same
+# solver with every decision on the sample's own residual, so a sample's gradient does not
+# depend on the rest of its batch.
+IMPLICIT_PRESETS = {
+    "reference": {"eps": 1e-3, "decisions": "batch", "protect": 1e3},
+    "sample": {"eps": 1e-3, "decisions": "sample", "protect": 1e3},
+}
+
+
+def _check_backward(backward: str, backward_eps) -> None:
+    if backward not in IMPLICIT_PRESETS:
+        raise ValueError(f"backward must be one of {sorted(IMPLICIT_PRESETS)}, got {backward!r}")
+    if backward_eps is not None and not backward_eps >= 0:
+        raise ValueError(f"backward_eps must be >= 0 (None: the preset's), got {backward_eps!r}")
+
+
+def implicit_step(ctx, z_star: Tensor, backward_iter: int = 7, backward: str = "reference",
+                  backward_eps: Optional[float] = None) -> Tensor:
+    """u = f(z*) whose backward applies the implicit-function-theorem gradient: the incoming
+    g = dL/du (B, D) is replaced by w = (I - J_f(z*)^T)^{-1} g, the fixed point of
+    w = J_f(z*)^T w + g, found with Broyden for ``backward_iter`` steps from w = 0 (the
+    reference's ``AttackGrad='real'`` / exact-gradient training, B_THRES = 7); autograd then
+    carries w^T df/d(x, theta). ``backward``: the solver's decisions (:data:`IMPLICIT_PRESETS`);
+    ``backward_eps`` overrides its stopping threshold.
+
+    J is taken at z* (the solver's state), as in the released code's ``autograd.grad(new_z1,
+    z1, y)``, through the graph of u itself: at the fixed point f(z*) = z*, but z* of a
+    finite solve is not one, and linearizing at f(z*) instead gave a different gradient."""
+    _check_backward(backward, backward_eps)
+    z_star = z_star.detach().requires_grad_(torch.is_grad_enabled())
+    out = ctx.f(z_star)
     if not out.requires_grad:
         return out
-    z0 = out.detach().requires_grad_(True)
-    with torch.enable_grad():
-        f0 = ctx.f(z0)
+    opts = dict(IMPLICIT_PRESETS[backward])
+    if backward_eps is not None:
+        opts["eps"] = float(backward_eps)
+
+    solving = []
 
     def hook(grad):
-        solver = Broyden(max_iter=backward_iter, eps=1e-6, protect=None)
-        vjp = lambda y, idx=None: _vjp(f0, z0, y, idx) + (grad if idx is None else grad[idx])
-        return solver.solve(vjp, torch.zeros_like(grad)).best
+        if solving:  # the solve's own vjps start at ``out``: pass them through unchanged
+            return None
+        solving.append(True)  # (the released code removes its hook instead; this one stays
+        try:                  # valid for a second backward through a retained graph)
+            solver = Broyden(max_iter=backward_iter, **opts)
+            vjp = lambda y, idx=None: _vjp(out, z_star, y, idx) + (grad if idx is None
+                                                                   else grad[idx])
+            return solver.solve(vjp, torch.zeros_like(grad)).best
+        finally:
+            solving.pop()
 
     out.register_hook(hook)
     return out
 
 
-def _vjp(f0, z0, y, idx):
+def _vjp(out, z, y, idx):
+    """J_f(z)^T y through the graph out = f(z) (kept for the outer backward)."""
     if idx is not None:  # per-sample stopping: vjp of the full batch, then keep the active rows
-        full = torch.zeros_like(z0)
+        full = torch.zeros_like(z)
         full[idx] = y
-        return torch.autograd.grad(f0, z0, full, retain_graph=True)[0][idx]
-    return torch.autograd.grad(f0, z0, y, retain_graph=True)[0]
+        return torch.autograd.grad(out, z, full, retain_graph=True)[0][idx]
+    return torch.autograd.grad(out, z, y, retain_graph=True)[0]
 
 
 class EarlyState(_Forward):
