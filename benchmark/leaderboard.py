@@ -588,6 +588,13 @@ def _flags_text(flags: Any) -> str:
     if not isinstance(flags, dict):
         return "-"
     raised = [name for name, rec in flags.items() if isinstance(rec, dict) and rec.get("flag")]
+    # the binarization attack-strength test (benchmark/suite/strength.py): its pass rate is shown
+    # whether or not it is raised, so "passed" differs from "not run"
+    st = flags.get("attack_strength")
+    if isinstance(st, dict) and isinstance(st.get("n"), int) and "passes" in st:
+        raised = [n for n in raised if n != "attack_strength"]
+        raised.append(f"attack strength {st['passes']}/{st['n']}"
+                      + (" (FLAG)" if st.get("flag") else ""))
     return ", ".join(raised) if raised else "-"
 
 
