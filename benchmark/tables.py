@@ -743,9 +743,10 @@ def table8(src) -> pd.DataFrame:
                      "ka": int(g.loc[k, "ka"]) if complete else None,
                      "acc": float(g.loc[k, "acc"]) if complete else float("nan"),
                      "most_broken_ka": int(g.loc[kb, "ka"]), "most_broken": int(g.loc[kb, "broken"]),
-                     "kas": len(g), "available": int(g.acc.notna().sum())})
+                     "kas": len(g), "available": int(g.acc.notna().sum()),
+                     "n": int(g.n.iloc[0])})
     out = pd.DataFrame(rows, columns=["model", "defense", "preset", "i", "lam", "ka", "acc",
-                                      "most_broken_ka", "most_broken", "kas", "available"])
+                                      "most_broken_ka", "most_broken", "kas", "available", "n"])
     if len(out):
         order = {k: j for j, (k, _) in enumerate(_groups(data.records))}
         out["_o"] = [order.get((m, d), len(order)) for m, d in zip(out.model, out.defense)]
