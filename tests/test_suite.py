@@ -34,9 +34,9 @@ def test_registry_keeps_the_old_protocol():
     assert [k for k in keys if k in OLD_ORDER] == list(OLD_ORDER)
     for k, opts in OLD_KEYS.items():
         assert k in suite.config_attacks()
-        assert OLD_KEYS[k] <= suite.attack_options(k), k
-        if k in ("pgd", "grid", "autoattack", "checks", "adaptive", "top_settings", "transfer"):
-            assert suite.attack_options(k) == opts, k
+        # every option an old config could name is still accepted (attacks may add options:
+        # the adaptive protocol of issue 13 s1 does)
+        assert opts <= suite.attack_options(k), k
     assert "clean" not in suite.config_attacks() and suite.get_attack("clean").always
     with pytest.raises(KeyError, match="unknown protocol attack 'cw'"):
         suite.get_attack("cw")
