@@ -906,6 +906,7 @@ p.description { margin: .2em 0; font-size: 13px; color: #333; max-width: 1300px;
 td, th { white-space: nowrap; }
 span.ci { color: #666; font-size: 11px; }
 td[data-col="flags"] { max-width: 9em; overflow: hidden; text-overflow: ellipsis; }
+td[data-col="adaptive"] { max-width: 14em; overflow: hidden; text-overflow: ellipsis; }
 table.paired, table.matrix { font-size: 12px; margin-top: .4em; }
 table.paired th, table.matrix th { cursor: default; }
 tr.inconclusive td { color: #555; }
