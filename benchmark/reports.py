@@ -13,6 +13,7 @@ import model_zoo
 from benchmark.leaderboard import make_entry, render, write_entry
 from benchmark.results_db import ResultsDB
 from benchmark.runner import flags_from_records, summarize
+from benchmark.suite.strength import strength_flag
 
 __all__ = ["leaderboard_from_db", "entry_name"]
 
@@ -57,6 +58,9 @@ def leaderboard_from_db(db_path, root="leaderboards", render_files: bool = True)
         ds = db.get_meta("dataset") or {}
         prov = db.get_meta("provenance") or {}
         records = db.records_frame()
+        from benchmark.reliability import reliability_flags, reliability_rows, thresholds
+        rel_thresholds = thresholds(cfg)
+        rel = reliability_rows(records, rel_thresholds[0])
         paths = []
         for _, r in summary.iterrows():
             entry = model_zoo.get_entry(_base_name(cfg, r["model"]))
@@ -85,8 +89,18 @@ def leaderboard_from_db(db_path, root="leaderboards", render_files: bool = True)
             g = records[(records.model == r["model"]) & (records.defense == r["defense"])]
             deq["outcomes"] = _outcomes_field(g)
             flags = {k: v for k, v in (flags_from_records(g) or {}).items() if isinstance(v, dict)}
+            # non-finite outputs / unconverged solves (benchmark.reliability): always present,
+            # raised when any example is non-finite or too many are unconverged
+            flags.update(reliability_flags(rel[(r["model"], r["defense"])], *rel_thresholds))
+            # the binarization attack-strength test (benchmark/suite/strength.py), where it ran
+            strength = strength_flag(g)
+            if strength is not None and strength["flag"] is not None:
+                flags["attack_strength"] = strength
             if flags:
                 deq["flags"] = flags
+            ttd = _test_time_defense(db, r["model"], r["defense"])
+            if ttd is not None:
+                deq["test_time_defense"] = ttd
             ident = _identity(db, cfg, r["model"], entry)
             deq["checkpoint"], deq["weights_sha256"] = ident["checkpoint"], ident["sha256"]
             meta = ident["metadata"]
@@ -98,6 +112,7 @@ def leaderboard_from_db(db_path, root="leaderboards", render_files: bool = True)
                            number_forward_passes=1, deq=deq, venue=entry.venue or "",
                            authors=meta.get("authors") or "", link=meta.get("link") or "",
                            reported=meta.get("reported"),
+                           unreliable=ttd is not None and not ttd["reliable"],
                            footnote=f"deqbench run {cfg.get('name')}; {ident['footnote']}"
                                     + ("; AutoAttack not run on this entry: autoattack_acc is "
                                        "the worst case of the attacks run" if aa_missing else ""))
@@ -111,6 +126,42 @@ def leaderboard_from_db(db_path, root="leaderboards", render_files: bool = True)
         from benchmark.report.claims import write_claims
         write_claims(db_path, leaderboard=paths[0].parent)
     return paths
+
+
+def _test_time_defense(db: ResultsDB, model: str, defense: str):
+    """``deq.test_time_defense`` of a Sec. 3.2 (EntropyReduction) entry from its ``adaptive``
+    units (attacks.adaptive): the variants run on every shard, each member's budget label,
+    ``complete`` / ``reliable`` (every variant at the standard budget on every shard); None
+    for entries that are not test-time defenses."""
+    from attacks.adaptive import ADAPTIVE_VARIANTS
+    ttd, seen = False, []
+    for attack, conf in db.conn.execute(
+            "SELECT attack, config FROM units WHERE model = ? AND defense = ?", (model, defense)):
+        c = json.loads(conf or "{}")
+        if (c.get("defense") or {}).get("name") == "entropy_reduction":
+            ttd = True
+        if attack == "adaptive" and not c.get("skipped"):
+            seen.append(c.get("attack") or {})
+    if not ttd:
+        return None
+    runs = [c for c in seen if c.get("protocol") == "croce2022"]
+    if not runs:
+        return {"protocol": "croce2022", "variants_run": [], "variants_missing":
+                list(ADAPTIVE_VARIANTS), "members": {}, "budget": "not run", "complete": False,
+                "reliable": False}
+    variants = [v for v in ADAPTIVE_VARIANTS if all(v in c.get("variants", []) for c in runs)]
+    members = {}
+    for c in runs:
+        for name, m in (c.get("members") or {}).items():
+            if members.get(name) != "reduced":
+                members[name] = m.get("budget", "reduced")
+    complete = variants == list(ADAPTIVE_VARIANTS)
+    standard = all(c.get("budget") == "standard" for c in runs)
+    return {"protocol": "croce2022", "variants_run": variants,
+            "variants_missing": [v for v in ADAPTIVE_VARIANTS if v not in variants],
+            "members": members, "budget": "standard" if standard else "reduced",
+            "budget_knobs": runs[0].get("budget_knobs"), "complete": complete,
+            "reliable": complete and standard and all(c.get("reliable") for c in runs)}
 
 
 def _outcomes_field(g) -> dict:

@@ -149,9 +149,11 @@ def evaluate(cfg: RunConfig, progress: bool = True, rank: Optional[int] = None,
         db.set_meta("start_time", time.time())
     db.set_meta(f"last_invocation/{rank}", provenance(cfg.device))
     ds = load_dataset(cfg.data["dataset"], "test", root=cfg.data.get("root"))
-    ds = subset(ds, min(cfg.data["n"], len(ds)), seed=cfg.data["seed"])
+    first_n = bool(cfg.data.get("first_n", False))  # the first n test images, else seeded
+    ds = subset(ds, min(cfg.data["n"], len(ds)), seed=cfg.data["seed"], first_n=first_n)
     db.set_meta("dataset", {"name": ds.info.name, "split": "test", "n": len(ds),
-                            "seed": cfg.data["seed"], "indices": [int(i) for i in ds.indices]})
+                            "seed": cfg.data["seed"], "first_n": first_n,
+                            "indices": [int(i) for i in ds.indices]})
     shards = [s for j, s in enumerate(_shards(len(ds), cfg.shard_size)) if j % world == rank]
     done = db.done_units()
     plan = []
@@ -258,6 +260,8 @@ def summarize(db: ResultsDB):
     rows = []
     if df.empty:
         return pd.DataFrame(rows)
+    from benchmark.reliability import reliability_rows, thresholds
+    rel = reliability_rows(df, thresholds(db.get_meta("config"))[0])
     for (mk, dk), g in df.groupby(["model", "defense"], sort=False):
         clean_recs = g[g.attack == "clean"]
         n = clean_recs.example.nunique()
@@ -275,5 +279,8 @@ def summarize(db: ResultsDB):
             row.update(fields)
         allc = pd.concat(final, axis=1).reindex(clean.index).fillna(0).min(axis=1)
         row["ALL"] = allc.mean()
+        # examples with non-finite outputs (counted wrong) / share with unconverged solves
+        row["nonfinite"] = rel[(mk, dk)]["nonfinite"]
+        row["unconverged"] = rel[(mk, dk)]["unconverged_share"]
         rows.append(row)
     return pd.DataFrame(rows)

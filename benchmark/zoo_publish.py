@@ -20,6 +20,7 @@ from attacks.pgd import pgd_linf
 from benchmark.data import load_dataset, subset
 from benchmark.provenance import device_description
 from model_zoo.registry import CHECKPOINT_DIR, ZOO_FILE, sha256_file
+from model_zoo.scoring import score_logits
 from model_zoo.train_config import load_train_config
 
 TEST_N, TEST_SEED = 500, 0
@@ -38,7 +39,7 @@ def evaluate_test_subset(model, dataset: str, eps: float, alpha: float, n: int =
     for s in range(0, len(ds), batch_size):
         x, y = ds.images[s:s + batch_size], ds.labels[s:s + batch_size]
         with torch.no_grad():
-            clean += int((model(x).argmax(-1) == y).sum())
+            clean += int(score_logits(model(x), y)[0].sum())  # non-finite logits: wrong
         if pgd_steps:
             adv += int(pgd_linf(model, x, y, eps, alpha, pgd_steps, generator=gen).correct.sum())
     return {"n": len(ds), "seed": seed, "clean_acc": clean / len(ds),

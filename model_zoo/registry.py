@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -170,7 +171,13 @@ def _read_state_dict(path: Path, sha256: Optional[str]) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, truncated zip, disallowed globals ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        # torch's own text runs to paragraphs (weights_only advice); its first sentence says it
+        text = " ".join(str(e).split())
+        why = text.split(". ")[0][:160]
+        glob = re.search(r"Unsupported global: GLOBAL [\w.]+", text)
+        why += f"; {glob.group(0)}" if glob else ""
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {why} (not a "
+                              "torch.save file of tensors, truncated, or a pickle with code)") from None
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise CheckpointError(f"checkpoint {path} holds no state_dict of tensors")

@@ -263,8 +263,12 @@ def read_yaml(path):
     try:
         return yaml.load(text, Loader=_unique_key_loader())
     except yaml.YAMLError as e:
-        one_line = " ".join(str(e).split())
-        raise ConfigError(f"{path}: not valid YAML: {one_line}") from None
+        mark = getattr(e, "problem_mark", None)
+        if mark is not None and getattr(e, "problem", None):
+            ctx = f" ({e.context})" if getattr(e, "context", None) else ""
+            raise ConfigError(f"{path}: not valid YAML: line {mark.line + 1}, column "
+                              f"{mark.column + 1}: {e.problem}{ctx}") from None
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
     except RecursionError:
         raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
 

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from .forward import FinalState, RandomIntermediate
 from .registry import save_checkpoint
+from .scoring import score_logits
 from .train_config import TrainConfig
 
 __all__ = ["Trainer", "TrainingInterrupted", "weight_tied_logits", "pgd_attack", "trades_attack",
@@ -232,7 +233,7 @@ class Trainer:
         if jac_thres is not None:
             loss = loss + t.jacobian.weight * jacobian_penalty(self.model, x, jac_thres,
                                                                t.jacobian.vecs)
-        correct = int((logits.argmax(-1) == y).sum())
+        correct = int(score_logits(logits, y)[0].sum())  # non-finite logits: wrong
         return loss, correct
 
     def train_step(self, x: Tensor, y: Tensor, epoch: int, step: int) -> dict:
@@ -285,10 +286,10 @@ class Trainer:
             xb = self.val_x[s:s + batch_size].to(self.device)
             yb = self.val_y[s:s + batch_size].to(self.device)
             with torch.no_grad():
-                clean += int((run(xb).argmax(-1) == yb).sum())
+                clean += int(score_logits(run(xb), yb)[0].sum())
             x_adv = pgd_attack(run, xb, yb, a.eps, a.alpha, 10)
             with torch.no_grad():
-                adv += int((run(x_adv).argmax(-1) == yb).sum())
+                adv += int(score_logits(run(x_adv), yb)[0].sum())
         torch.set_rng_state(gen_state)
         self.model.train(was)
         n = len(self.val_x)

@@ -13,8 +13,14 @@ from benchmark.suite._registry import ProtocolAttack, check_int, config_error, r
 def check_autoattack_options(name: str, opts: dict) -> None:
     """``attacks`` (pyautoattack's names) and ``budget`` (its knobs, integers >= 1) of
     ``attacks.<name>``."""
+    if "attacks" in opts and (not isinstance(opts["attacks"], list) or not opts["attacks"]):
+        config_error(f"attacks.{name}.attacks", f"must be a non-empty list of "
+                                                f"{list(AUTOATTACK_NAMES)}, got {opts['attacks']!r}")
+    if opts.get("budget") is not None and not isinstance(opts["budget"], dict):
+        config_error(f"attacks.{name}.budget", f"must be a mapping knob -> integer, got "
+                                               f"{opts['budget']!r}")
     for a in opts.get("attacks", []):
-        if a not in AUTOATTACK_NAMES:
+        if not isinstance(a, str) or a not in AUTOATTACK_NAMES:
             config_error(f"attacks.{name}.attacks", f"unknown attack {a!r} (known: {list(AUTOATTACK_NAMES)})")
     for k, v in (opts.get("budget") or {}).items():
         if k not in AA_STANDARD_BUDGET:

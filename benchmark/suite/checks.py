@@ -14,6 +14,7 @@ from attacks.evaluation import autoattack_attack, obfuscation_flags, pgd_attack,
 from attacks.surrogates import JudgedModule
 from benchmark.suite._common import outcome_records, plain, surrogate_for
 from benchmark.suite._registry import ProtocolAttack, register_attack
+from model_zoo.scoring import predict
 
 CHECKS_NOT_ATTACKS = ("large_eps", "clean_agreement")  # check records that are not eps-attacks
 
@@ -72,8 +73,8 @@ class Checks(ProtocolAttack):
             recs += outcome_records(out, idx, y, name, ctx.state)
         if sur is not None:
             with torch.no_grad():
-                agree = (judged.reported_logits(x).argmax(-1)
-                         == sur.logits(ctx.model, x).argmax(-1))
+                r = predict(judged.reported_logits(x))  # -1 where non-finite
+                agree = (r == predict(sur.logits(ctx.model, x))) & (r >= 0)
         else:
             agree = torch.ones(len(x), dtype=torch.bool)
         for k in range(len(idx)):

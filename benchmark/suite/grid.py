@@ -23,11 +23,14 @@ class Grid(ProtocolAttack):
     def check(self, opts, cfg, attacks):
         if opts.get("mode", "efficient") not in MODES:
             config_error("attacks.grid.mode", f"must be efficient, full or naive, got {opts['mode']!r}")
+        for key in ("kas", "lams"):
+            if key in opts and (not isinstance(opts[key], list) or not opts[key]):
+                config_error(f"attacks.grid.{key}", f"must be a non-empty list, got {opts[key]!r}")
         for ka in opts.get("kas", []):
-            if not isinstance(ka, int) or ka < 1:
+            if isinstance(ka, bool) or not isinstance(ka, int) or ka < 1:
                 config_error("attacks.grid.kas", f"every Ka must be an integer >= 1, got {ka!r}")
         for lam in opts.get("lams", []):
-            if not isinstance(lam, (int, float)) or not 0 < lam <= 1:
+            if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 < lam <= 1:
                 config_error("attacks.grid.lams", f"every lambda must be in (0, 1], got {lam!r}")
 
     def applicable(self, model, defense, opts):

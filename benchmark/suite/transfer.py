@@ -13,6 +13,7 @@ from attacks.surrogates import JudgedModule
 from benchmark.run_config import defense_text, parse_source
 from benchmark.suite._common import surrogate_for
 from benchmark.suite._registry import ProtocolAttack, config_error, register_attack
+from model_zoo.scoring import score_logits
 
 
 def transfer_sources(cfg) -> list:
@@ -81,7 +82,7 @@ class Transfer(ProtocolAttack):
         cfg, x, y, idx, cache = ctx.cfg, ctx.x, ctx.y, ctx.idx, ctx.cache
         judged = JudgedModule(ctx.model, ctx.defense)
         with torch.no_grad():
-            clean = judged.reported_logits(x).argmax(-1) == y
+            clean = score_logits(judged.reported_logits(x), y)[0]  # non-finite: wrong
         recs = []
         for spec in transfer_sources(cfg):
             ms, ds = parse_source(spec, cfg)
