@@ -91,7 +91,15 @@ DEQ_FIELDS = {
             "'ALL': [lo, hi], ...} (filled by make_entry when n_examples is given)",
     "outcomes": "per-example 0/1 outcomes for paired tests: {'examples': [dataset index, ...], "
                 "'clean': '0110...', 'ALL': '...', '<attack family>': '...'} (str)",
+    "test_time_defense": "a test-time defense's adaptive evaluation (attacks.adaptive, Croce et "
+                         "al. 2022): {'protocol', 'variants_run': [...], 'variants_missing': [...], "
+                         "'members': {name: 'standard'|'reduced'}, 'budget', 'complete', "
+                         "'reliable'} (dict); such entries have their own section, 'external' = "
+                         "the worst case, and 'unreliable': true unless 'reliable'",
 }
+#: flags that are not obfuscation checks (always computed, or a separate test): an entry whose
+#: flags hold only these was not checked for gradient obfuscation
+NOT_OBFUSCATION_FLAGS = ("nonfinite", "unconverged", "attack_strength")
 #: ``deq.counts`` / ``deq.ci95`` key -> the accuracy it belongs to (top-level field or deq field)
 CI_KEYS = {"clean": "clean_acc", "autoattack": "autoattack_acc", "ALL": "worst_case_acc",
            "min_over_means": "min_over_means_acc", "grid": "grid_worst_case_acc"}
@@ -123,6 +131,12 @@ _NUMERIC_COLUMNS = ("rank", "clean", "autoattack", "worst_case", "min_over_means
 _CI_COLUMNS = {"clean": "clean", "autoattack": "autoattack", "worst_case": "ALL",
                "min_over_means": "min_over_means"}
 FOOTNOTE = "rendered from the JSON entries in this folder; do not edit by hand"
+TTD_INTRO = ("Defenses that optimize their input at inference (Sec. 3.2), ranked separately as "
+             "RobustBench does. Their robust accuracy is the worst case over the protocol AND "
+             "the adaptive attacks of Croce et al. (ICML 2022): transfer from the undefended "
+             "model judged on the defended forward, the full gradient through the defense, a "
+             "cheaper defense as gradient model, adapted objectives, Square. An entry is "
+             "'unreliable' (greyed) unless the whole adaptive protocol ran at the standard budget.")
 OUTPUT_NAMES = {"md": "leaderboard.md", "csv": "leaderboard.csv", "html": "leaderboard.html"}
 #: JSON files of a leaderboard folder that are not entries (the claims' verdicts, a copy)
 NON_ENTRY_FILES = ("claims.json",)
@@ -307,7 +321,10 @@ def make_entry(name: str, *, clean_acc: float, autoattack_acc: float,
     }
     if reported is not None:
         entry["reported"] = reported
-    if worst_pct is not None and float(worst_pct) < float(robust_pct):
+    if worst_pct is not None and (float(worst_pct) < float(robust_pct)
+                                  or is_test_time_defense({"deq": deq or {}})):
+        # a test-time defense is scored by our worst case (its adaptive protocol included),
+        # never by AutoAttack alone (Croce et al. 2022; RobustBench's 'external')
         entry["external"] = worst_pct
     if footnote is not None:
         entry["footnote"] = footnote
@@ -584,9 +601,37 @@ def _budget_text(budget: Any) -> Optional[str]:
     return f"{budget['level']} ({inner})"
 
 
+def is_test_time_defense(entry: dict) -> bool:
+    """An entry of a test-time defense (the Sec. 3.2 input entropy reduction): it carries
+    ``deq.test_time_defense`` or its defense is ``entropy_reduction``."""
+    deq = _deq(entry)
+    d = deq.get("defense")
+    return bool(deq.get("test_time_defense")) or (
+        isinstance(d, str) and (d.startswith("entropy_reduction")
+                                or '"name": "entropy_reduction"' in d))
+
+
+def _adaptive_text(ttd: Any) -> Optional[str]:
+    """What of the adaptive protocol ran on a test-time defense, e.g. 'complete, reduced
+    (through:apgd-ce reduced, ...)'; None for other entries."""
+    if not isinstance(ttd, dict):
+        return None
+    if not ttd.get("variants_run"):
+        return "adaptive protocol not run"
+    head = ("complete" if ttd.get("complete") else
+            "partial (missing: " + ", ".join(ttd.get("variants_missing") or []) + ")")
+    members = ttd.get("members") or {}
+    reduced = [k for k, v in members.items() if v != "standard"]
+    return (f"{head}, {ttd.get('budget', 'reduced')}"
+            + (f" ({', '.join(reduced)} reduced)" if reduced else ""))
+
+
 def _flags_text(flags: Any) -> str:
+    """Raised flags by name; '-' when the obfuscation checks ran and raised none; 'not checked'
+    when they did not run (flags absent, or only the non-obfuscation ones)."""
+    checked = isinstance(flags, dict) and any(k not in NOT_OBFUSCATION_FLAGS for k in flags)
     if not isinstance(flags, dict):
-        return "-"
+        return "not checked"
     raised = [name for name, rec in flags.items() if isinstance(rec, dict) and rec.get("flag")]
     # the binarization attack-strength test (benchmark/suite/strength.py): its pass rate is shown
     # whether or not it is raised, so "passed" differs from "not run"
@@ -595,6 +640,8 @@ def _flags_text(flags: Any) -> str:
         raised = [n for n in raised if n != "attack_strength"]
         raised.append(f"attack strength {st['passes']}/{st['n']}"
                       + (" (FLAG)" if st.get("flag") else ""))
+    if not checked:
+        raised.append("not checked")
     return ", ".join(raised) if raised else "-"
 
 
@@ -604,7 +651,16 @@ def table_rows(entries: Iterable[dict]) -> list[dict]:
     Accuracies are float percents (``89.12``), ``f_evals`` a float; missing values are ``None``.
     """
     rows = []
-    for rank, entry in enumerate(sort_entries(entries), start=1):
+    ordered = sort_entries(entries)
+    # test-time defenses get their own section and ranking (RobustBench keeps defenses that
+    # optimize at inference off its main table), after the main table
+    ordered = ([e for e in ordered if not is_test_time_defense(e)]
+               + [e for e in ordered if is_test_time_defense(e)])
+    ranks = {"main": 0, "test-time defense": 0}
+    for entry in ordered:
+        section = "test-time defense" if is_test_time_defense(entry) else "main"
+        ranks[section] += 1
+        rank = ranks[section]
         deq = _deq(entry)
         robust_field = _robust_field(entry.get("threat_model"))
         if robust_field not in entry:
@@ -623,6 +679,8 @@ def table_rows(entries: Iterable[dict]) -> list[dict]:
             "budget": _budget_text(deq.get("budget")),
             "flags": _flags_text(deq.get("flags")),
             "n": deq.get("n_examples"),
+            "section": section,
+            "adaptive": _adaptive_text(deq.get("test_time_defense")),
         })
         cis = deq.get("ci95")
         if cis is None and deq.get("n_examples"):
@@ -852,8 +910,20 @@ def _render_md(rows: list[dict], dataset: str, threat: str, eps: str,
              "|" + "|".join("---:" if key in _NUMERIC_COLUMNS else "---" for key, _ in COLUMNS)
              + "|"]
     for row in rows:
-        lines.append("| " + " | ".join(_md_escape(_md_cell(key, row)) for key, _ in COLUMNS)
-                     + " |")
+        if row.get("section", "main") == "main":
+            lines.append("| " + " | ".join(_md_escape(_md_cell(key, row)) for key, _ in COLUMNS)
+                         + " |")
+    ttd = [row for row in rows if row.get("section") == "test-time defense"]
+    if ttd:
+        lines += ["", "## Test-time defenses (adaptive evaluation)", "",
+                  _md_escape(TTD_INTRO), "",
+                  "| " + " | ".join(_md_header(key, header) for key, header in COLUMNS)
+                  + " | adaptive protocol |",
+                  "|" + "|".join("---:" if key in _NUMERIC_COLUMNS else "---" for key, _ in COLUMNS)
+                  + "|---|"]
+        for row in ttd:
+            lines.append("| " + " | ".join(_md_escape(_md_cell(key, row)) for key, _ in COLUMNS)
+                         + " | " + _md_escape(row.get("adaptive") or "not recorded") + " |")
     sec = paired_sections(entries)
     head = ("| difference (points) | 95% CI | McNemar p | discordant | conclusion |",
             "|---:|---|---:|---|---|")
@@ -906,7 +976,8 @@ p.description { margin: .2em 0; font-size: 13px; color: #333; max-width: 1300px;
 td, th { white-space: nowrap; }
 span.ci { color: #666; font-size: 11px; }
 td[data-col="flags"] { max-width: 9em; overflow: hidden; text-overflow: ellipsis; }
-td[data-col="adaptive"] { max-width: 14em; overflow: hidden; text-overflow: ellipsis; }
+td[data-col="adaptive"] { max-width: 6em; overflow: hidden; text-overflow: ellipsis;
+                          white-space: nowrap; }
 table.paired, table.matrix { font-size: 12px; margin-top: .4em; }
 table.paired th, table.matrix th { cursor: default; }
 tr.inconclusive td { color: #555; }
@@ -1077,7 +1148,9 @@ def _render_html(rows: list[dict], entries_by_name: dict, dataset: str, threat: 
             cells.append(cell)
         page_rows.append({"name": row["model"], "rank": row["rank"], "cells": cells,
                           "unreliable": bool(entry.get("unreliable")),
-                          "footnote": entry.get("footnote") or ""})
+                          "footnote": entry.get("footnote") or "",
+                          "section": row.get("section", "main"),
+                          "adaptive": row.get("adaptive") or ""})
     entries = list(entries_by_name.values())
     sec = paired_sections(entries)
 
@@ -1120,7 +1193,9 @@ def _render_html(rows: list[dict], entries_by_name: dict, dataset: str, threat: 
     return env.get_template("leaderboard.html.j2").render(
         dataset=dataset, threat=threat, eps=eps, css=Markup(_CSS), js=Markup(_JS),
         description=_description(entries, dataset, threat, eps), headers=headers,
-        rows=page_rows, footnote=FOOTNOTE, sections=sections, matrix=matrix)
+        rows=[r for r in page_rows if r["section"] == "main"],
+        ttd_rows=[r for r in page_rows if r["section"] != "main"], ttd_intro=TTD_INTRO,
+        footnote=FOOTNOTE, sections=sections, matrix=matrix)
 
 
 def render(folder: os.PathLike | str) -> dict[str, Path]:
@@ -1154,6 +1229,8 @@ def render(folder: os.PathLike | str) -> dict[str, Path]:
     frame["n"] = frame["n"].astype("Int64")
     frame["defense"] = [row["defense_long"] for row in rows]   # words; the stored key beside it
     frame["defense key"] = [row["defense"] for row in rows]
+    frame["section"] = [row["section"] for row in rows]
+    frame["adaptive protocol"] = [row["adaptive"] for row in rows]
     _write_text(paths["csv"], frame.to_csv(index=False))
     _write_text(paths["html"], _render_html(rows, {e["name"]: e for e in entries},
                                             dataset, threat, eps))

@@ -73,8 +73,9 @@ class _RowParser(HTMLParser):
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         self.tags.append(tag)
-        if tag == "table" and attrs.get("id") == "leaderboard":
-            self.table_attrs = attrs
+        if tag == "table" and attrs.get("id") in ("leaderboard", "leaderboard-ttd"):
+            if attrs.get("id") == "leaderboard":   # the test-time defenses' table follows it
+                self.table_attrs = attrs
             self._in_table = True
         elif tag == "body":
             self.body_attrs = attrs
@@ -290,7 +291,8 @@ def test_render_writes_md_csv_html(tmp_path, capsys):
         expected_cols.append(head)
         if key in ("clean", "autoattack", "worst_case", "min_over_means"):
             expected_cols += [f"{head} 95% CI low", f"{head} 95% CI high"]
-    assert list(csv.columns) == expected_cols + ["defense key"]
+    assert list(csv.columns) == expected_cols + ["defense key", "section", "adaptive protocol"]
+    assert csv["section"].tolist() == ["main"] * 3    # no test-time defense among them
     lo, hi = clopper_pearson(8912, 10000)
     assert csv["clean 95% CI low"][2] == pytest.approx(round(100 * lo, 2))
     assert csv["clean 95% CI high"][2] == pytest.approx(round(100 * hi, 2))
@@ -307,7 +309,8 @@ def test_render_writes_md_csv_html(tmp_path, capsys):
     assert csv["f-evals/forward"][0] == 11.5 and math.isnan(csv["f-evals/forward"][1])
     for col in ("clean", "AutoAttack", "worst case (ALL)", "min-over-means", "f-evals/forward"):
         assert csv[col].dtype == float
-    assert csv["flags"].tolist() == ["-", "-", "grad_masking"]
+    # '-': checked, nothing raised; 'not checked': no obfuscation check ran (resnet18_pgd)
+    assert csv["flags"].tolist() == ["-", "not checked", "grad_masking"]
 
     html_text = paths["html"].read_text()
     # one self-contained file: inline CSS/JS, nothing fetched
