@@ -62,8 +62,8 @@ def cmd_bench_forward(args):
     from benchmark.bench_forward import bench_forward, format_table
     from benchmark.provenance import provenance
     rows = bench_forward(args.model, batch_size=args.batch_size,
-                         tfs=[int(v) for v in args.tf.split(",")],
-                         rs=[int(v) for v in args.r.split(",")], preset=args.preset,
+                         tfs=_int_list(args.tf, "--tf"), rs=_int_list(args.r, "--r"),
+                         preset=args.preset,
                          device=args.device, repeats=args.repeats, checkpoint=args.checkpoint)
     print(f"\nmodel {args.model}, batch {args.batch_size}, device {args.device}, preset {args.preset}")
     print(format_table(rows))
@@ -455,6 +455,13 @@ def cmd_attack(args):
 
 def cmd_bench_grid(args):
     from benchmark.attack_run import bench_grid, format_grid_table
+    _int_list(args.kas, "--kas")
+    _float_list(args.lams, "--lams")
+    bad = [m for m in args.modes.split(",") if m not in ("efficient", "full", "naive")]
+    if bad:
+        raise UsageError(f"argument --modes: unknown mode {bad[0]!r} (choose from efficient, "
+                         "full, naive)")
+    args.defense = _defense_arg(args.defense)
     res = bench_grid(args.model, checkpoint=args.checkpoint, defense=args.defense, n=args.n,
                      seed=args.seed, modes=args.modes.split(","), kas=args.kas, lams=args.lams,
                      batch_size=args.batch_size, device=args.device,

@@ -266,6 +266,10 @@ def _cli_cases(f):
         ("surrogate", A + ["--surrogate", "bogus"], r"argument --surrogate: "),
         ("bench_batch0", ["bench", "forward", "--batch-size", "0"], r"argument --batch-size: must be an integer >= 1"),
         ("bench_grid_n0", ["bench", "grid", "--n", "0"], r"argument --n: must be an integer >= 1"),
+        ("bench_forward_tf", ["bench", "forward", "--tf", "1,x"], r"argument --tf: expected integers"),
+        ("bench_grid_kas", ["bench", "grid", "--kas", "1-x"], r"argument --kas: expected integers"),
+        ("bench_grid_modes", ["bench", "grid", "--modes", "efficient,fast"],
+         r"argument --modes: unknown mode 'fast'"),
     ]
 
 
