@@ -12,7 +12,7 @@ from attacks.adaptive import (ADAPTIVE_STANDARD_BUDGET, ADAPTIVE_VARIANTS, Defen
                               ThroughDefense, _ste_sign, adaptive_protocol, cheaper_defense,
                               saved_tensor_bytes)
 from attacks.evaluation import pgd_attack, rescore
-from attacks.surrogates import BPDAPurification, JudgedModule, PhantomFinal
+from attacks.surrogates import JudgedModule, PhantomFinal
 
 from .conftest import calibrate_batchnorm
 
@@ -143,15 +143,12 @@ def case(deq):
     with torch.no_grad():
         y = deq.run(x, defense=d).logits.argmax(-1)     # every point clean-correct
     out = adaptive_protocol(deq, d, x, y, EPS, budget=BUDGET, ka=2, seed=0)
-    # the weaker attacks: PGD-10 with BPDA through the purification, and the old transfer
-    # (PGD-10 on the undefended model, early-stopped on the UNDEFENDED forward)
-    bpda = pgd_attack(JudgedModule(deq, d, BPDAPurification(d, None, 9, 0.5)), x, y, EPS,
-                      EPS / 4, 10, seed=0)
+    # the weaker attack: the old protocol's transfer (PGD-10 on the undefended model,
+    # early-stopped on the UNDEFENDED forward), judged on the defended one
     und = pgd_attack(JudgedModule(deq, mz.FinalState(), PhantomFinal()), x, y, EPS, EPS / 4,
                      10, seed=0)
     old_transfer, _ = rescore(JudgedModule(deq, d), und.x_adv, x, y, EPS)
-    return deq, d, x, y, out, {"bpda": bpda.accuracy,
-                               "old_transfer": float(old_transfer.double().mean())}
+    return deq, d, x, y, out, {"old_transfer": float(old_transfer.double().mean())}
 
 
 @pytest.mark.slow
@@ -200,3 +197,68 @@ def test_standard_budget_is_labelled_standard(deq):
     assert out.config["members"]["transfer:pgd@phantom_final"]["budget"] == "standard"
     assert out.config["members"]["transfer:apgd-ce"]["budget"] == "reduced"
     assert ADAPTIVE_STANDARD_BUDGET["apgd_n_iter"] == 100
+
+
+# ---------------------------------------------------------------------------------------------
+# the run config and the leaderboard
+# ---------------------------------------------------------------------------------------------
+
+def _cfg(adaptive):
+    return {"name": "t", "output": "/tmp/unused", "seed": 0, "device": "cpu",
+            "data": {"dataset": "fashion_mnist", "n": 4},
+            "threat": {"norm": "Linf", "eps": 0.1},
+            "models": [{"name": "deq_tiny_fmnist_trades",
+                        "defenses": ["final", "entropy_reduction"]}],
+            "attacks": {"adaptive": adaptive}}
+
+
+@pytest.mark.parametrize("opts, message", [
+    ({"budget": {"apgd_iters": 5}}, r"attacks\.adaptive\.budget\.apgd_iters: unknown budget key"),
+    ({"budget": {"apgd_n_iter": 0}}, r"attacks\.adaptive\.budget\.apgd_n_iter: must be an integer >= 1"),
+    ({"variants": ["through", "bpda"]}, r"attacks\.adaptive\.variants: must be a non-empty list"),
+    ({"cheap": {"r": 2, "beta": 1}}, r"attacks\.adaptive\.cheap: must be a mapping with keys r"),
+    ({"ensemble": "yes"}, r"attacks\.adaptive\.ensemble: must be true or false"),
+])
+def test_adaptive_config_errors_name_the_key(opts, message):
+    from benchmark.run_config import ConfigError, from_dict
+    with pytest.raises(ConfigError, match=message):
+        from_dict(_cfg(opts))
+    cfg = from_dict(_cfg({"steps": 10, "budget": {"apgd_n_iter": 5}, "variants": ["transfer"],
+                          "cheap": {"r": 1}, "ensemble": True, "checkpoint": True}))
+    assert cfg.attacks["adaptive"]["variants"] == ["transfer"]
+
+
+def test_test_time_defense_entries_have_their_own_section_and_external(tmp_path):
+    from benchmark import leaderboard as lb
+    ttd = {"protocol": "croce2022", "variants_run": ["transfer", "square"],
+           "variants_missing": ["through", "cheap", "objectives"],
+           "members": {"transfer:apgd-ce": "reduced", "square": "standard"},
+           "budget": "reduced", "complete": False, "reliable": False}
+    common = dict(dataset="fashion_mnist", threat="Linf", eps=0.1, architecture="deq_tiny",
+                  number_forward_passes=1)
+    plain = lb.make_entry("m", clean_acc=0.7, autoattack_acc=0.45, worst_case_acc=0.45,
+                          deq={"defense": "final", "n_examples": 20,
+                               "flags": {"black_box_stronger": {"flag": False},
+                                         "nonfinite": {"flag": False}}}, **common)
+    defended = lb.make_entry("m+entropy_reduction", clean_acc=0.7, autoattack_acc=0.5,
+                             worst_case_acc=0.5, unreliable=True,
+                             deq={"defense": "entropy_reduction", "n_examples": 20,
+                                  "test_time_defense": ttd,
+                                  "flags": {"nonfinite": {"flag": False}}}, **common)
+    assert "external" not in plain                       # ALL == AutoAttack: no external
+    assert defended["external"] == "50.00" and defended["unreliable"] is True
+    rows = lb.table_rows([defended, plain])
+    assert [(r["model"], r["section"], r["rank"]) for r in rows] == [
+        ("m", "main", 1), ("m+entropy_reduction", "test-time defense", 1)]
+    assert rows[0]["flags"] == "-"                       # checked, nothing raised
+    assert rows[1]["flags"] == "not checked"             # only the non-obfuscation flags
+    assert rows[1]["adaptive"].startswith("partial (missing: through, cheap, objectives), reduced")
+    for e in (plain, defended):
+        lb.write_entry(e, tmp_path)
+    paths = lb.render(tmp_path / "fashion_mnist-Linf")
+    md = paths["md"].read_text()
+    main, _, ttd_part = md.partition("## Test-time defenses (adaptive evaluation)")
+    assert "| m+entropy_reduction |" not in main and "| m+entropy_reduction |" in ttd_part
+    html = paths["html"].read_text()
+    assert 'id="leaderboard-ttd"' in html
+    assert html.index('data-name="m+entropy_reduction"') > html.index('id="leaderboard-ttd"')
