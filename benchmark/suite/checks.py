@@ -55,6 +55,16 @@ class Checks(ProtocolAttack):
         q, big = ctx.opt("square_queries"), ctx.opt("large_eps")
         sur = surrogate_for(ctx.db, ctx.model, ctx.mkey, ctx.dkey, idx, ctx.opt("surrogate"))
         judged = JudgedModule(ctx.model, ctx.defense, sur)
+        if not plain(ctx.defense) and ctx.opt("surrogate") == "strongest":
+            # a test-time defense's white-box gradient is the one through the defense
+            # (attacks.adaptive.ThroughDefense, the adaptive protocol's), not the undefended
+            # phantom gradient: the checks then probe the attack that sets its worst case
+            from attacks.adaptive import DefenseJudged, ThroughDefense
+            from benchmark.suite.adaptive import transfer_surrogate
+            base = transfer_surrogate(ctx)
+            sur = ThroughDefense(ctx.defense, ka=getattr(base, "ka", 3),
+                                 lam=getattr(base, "lam", 0.5))
+            judged = DefenseJudged(ctx.model, ctx.defense, sur)
         bs = ctx.cfg.batch_size
         # PGD-k and PGD-2k share seed and start: one 2k-step run gives both (pgd_attack_steps)
         pgd = pgd_attack_steps(judged, x, y, eps, alpha, (steps, 2 * steps), seed=seed,
