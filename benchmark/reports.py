@@ -37,8 +37,14 @@ def _budget(db: ResultsDB, model: str, defense: str) -> dict:
         if c.get("budget") == "reduced":
             level = "reduced"
             from attacks.evaluation import AA_STANDARD_BUDGET
-            knobs.update({f"autoattack.{k}": v for k, v in (c.get("budget_knobs") or {}).items()
-                          if AA_STANDARD_BUDGET.get(k) != v})
+            if c.get("attack") == "adaptive":  # the adaptive protocol's own knobs (pgd_steps too)
+                from attacks.adaptive import ADAPTIVE_STANDARD_BUDGET
+                knobs.update({f"adaptive.{k}": v for k, v in (c.get("budget_knobs") or {}).items()
+                              if ADAPTIVE_STANDARD_BUDGET.get(k) != v})
+            else:
+                knobs.update({f"autoattack.{k}": v
+                              for k, v in (c.get("budget_knobs") or {}).items()
+                              if AA_STANDARD_BUDGET.get(k) != v})
         if c.get("attack") == "grid":
             knobs["grid.settings"] = len(c.get("settings", []))
             knobs["grid.mode"] = c.get("mode")
