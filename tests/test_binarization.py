@@ -170,6 +170,18 @@ def test_deq_passes_with_the_phantom_gradient_and_fails_with_a_poor_one(deq, ima
     assert deq.head.classifier.out_features == 10
 
 
+def test_apgd_ce_runs_on_the_binary_problem(cnn, images):
+    """The suite's ``attack: apgd-ce`` (pyautoattack) accepts the 2-logit binarized model."""
+    from attacks.evaluation import autoattack_attack
+
+    def attack(x1, y1):
+        return autoattack_attack(JudgedModule(cnn, None, None), x1, y1, EPS, attacks=["apgd-ce"],
+                                 budget={"apgd_n_iter": 10}, seed=0).x_adv
+    res = binarization_test(cnn, images[0][:3], EPS, attack,
+                            settings=BinarizationSettings(n_inner=49), seed=0)
+    assert [r.passed for r in res] == [True] * 3 and all(r.margin < 0 for r in res)
+
+
 def test_strength_summary_statistics():
     s = strength_summary([True] * 19 + [False] + [None, None])
     assert (s["n"], s["passes"], s["setup_failures"]) == (20, 19, 2)
@@ -231,3 +243,21 @@ def test_strength_config_errors_name_the_key(tmp_path, opts, key):
     from benchmark.run_config import ConfigError
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         _cfg(tmp_path, **opts)
+
+
+def test_leaderboard_shows_the_pass_rate_and_the_flag():
+    from benchmark.leaderboard import _flags_text, validate_entry  # noqa: F401
+    from benchmark.suite.strength import strength_flag
+    import pandas as pd
+    recs = pd.DataFrame({"attack": ["strength"] * 4 + ["clean"],
+                         "setting": ["binarization"] * 3 + ["binarization_setup_failed", "-"],
+                         "correct": [0, 1, 1, 1, 1],
+                         "extra": [json.dumps({"threshold": 0.5})] * 4 + [None]})
+    f = strength_flag(recs)
+    assert (f["n"], f["passes"], f["setup_failures"], f["threshold"]) == (3, 1, 1, 0.5)
+    assert f["flag"] is True and f["pass_rate"] == pytest.approx(1 / 3)
+    assert "attack strength 1/3 (FLAG)" in _flags_text({"attack_strength": f})
+    ok = dict(f, flag=False, passes=3, pass_rate=1.0)
+    text = _flags_text({"attack_strength": ok, "grad_masking": {"flag": False}})
+    assert text == "attack strength 3/3"
+    assert strength_flag(recs[recs.attack == "clean"]) is None  # not run: no flag record
