@@ -37,11 +37,12 @@ full eps-ball; the fraction the binarized model classifies as class 1 says how e
 problem is for random noise (near 0 = the test needs a real attack).
 
 Differences from the released code (google-research/active-adversarial-tests), on purpose:
-* the classifier is fitted in torch (L-BFGS on standardized features, float64) instead of
+* the classifier is fitted in torch (class-balanced logistic regression with a tiny ridge,
+  Newton's method on standardized features, float64) instead of
   scikit-learn (not a dependency here); its threshold is then placed at ``threshold_at`` of
-  the gap between the highest inner and the lowest boundary score (0.5 = the middle, where
-  unpenalized logistic regression on separable data converges to -- the max-margin
-  hyperplane's threshold; the paper's code keeps the fitted bias, with an optional "closeness"
+  the gap between the highest inner and the lowest boundary score (0.5 = the middle, like the
+  max-margin hyperplane that unpenalized logistic regression on separable data approaches in
+  direction; the paper's code keeps the fitted bias, with an optional "closeness"
   shift towards the boundary points, which ``threshold_at`` close to 1 mimics: a harder test,
   the attack must then score at least about as high as the boundary point) and weights scaled
   so the training scores span unit range (the code's ``rescale_logits='fixed'``);
@@ -92,14 +93,14 @@ class BinarizationSettings:
     lie in the (1 - gap) eps ball, in [0, 1); boundary: 'surface' | 'corners'; threshold_at:
     where the decision threshold sits between the highest inner and the lowest boundary score,
     in (0, 1); n_validation: fresh points for the random-noise success rate (0 = skip);
-    fit_steps: L-BFGS iterations of the logistic regression."""
+    fit_steps: Newton iterations of the logistic regression."""
     n_inner: int = 999
     n_boundary: int = 1
     gap: float = 0.05
     boundary: str = "surface"
     threshold_at: float = 0.5
     n_validation: int = 0
-    fit_steps: int = 100
+    fit_steps: int = 30
 
     def __post_init__(self):
         if int(self.n_inner) != self.n_inner or self.n_inner < 1:
