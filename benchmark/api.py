@@ -132,6 +132,13 @@ def _save_weights(model: nn.Module, path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(sd, tmp)
+    if path.is_file() and (path.parent / "results.sqlite").is_file():
+        # never replace the weights a finished or resumable run was evaluated with
+        old, new = sha256_file(path), sha256_file(tmp)
+        tmp.unlink()
+        raise ValueError(f"{path.parent} holds the run of other weights (sha256 {old[:12]}); "
+                         f"this model's weights differ (sha256 {new[:12]}): give it another "
+                         "name= (or output=)")
     tmp.replace(path)
     return sha256_file(path)
 

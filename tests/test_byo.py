@@ -244,7 +244,11 @@ def _check_robustbench_fields(entry, reported=True):
     assert len(entry["deq"]["weights_sha256"]) == 64 and entry["deq"]["checkpoint"]
 
 
-@pytest.mark.slow
+CNN_ATTACKS = {"pgd": {"steps": 5},
+               "autoattack": {"attacks": ["apgd-ce", "square"],
+                              "budget": {"apgd_n_iter": 5, "square_n_queries": 50}}}
+
+
 def test_benchmark_call_on_a_plain_model_and_a_torchdeq_deq(examples, tdeq, tmp_path,
                                                             fmnist_test):
     from benchmark import benchmark
@@ -252,7 +256,7 @@ def test_benchmark_call_on_a_plain_model_and_a_torchdeq_deq(examples, tdeq, tmp_
     _, cnn_fmnist = examples
     net = cnn_fmnist.make_model()
     net.load_state_dict(torch.load(CNN_CKPT, weights_only=True))
-    res = benchmark(net, dataset="fashion_mnist", n=16, eps=0.1, attacks=["pgd", "autoattack"],
+    res = benchmark(net, dataset="fashion_mnist", n=16, eps=0.1, attacks=CNN_ATTACKS,
                     output=tmp_path / "out", name="view_cnn", training="clean, 400 steps",
                     authors="A. User", link="https://example.org/cnn", reported="85.70")
     assert not res.is_deq
@@ -268,15 +272,17 @@ def test_benchmark_call_on_a_plain_model_and_a_torchdeq_deq(examples, tdeq, tmp_
     assert e["deq"]["weights_sha256"] == res.weights_sha256
     _check_robustbench_fields(e)
     # resumable: the same call only re-reads the database
-    again = benchmark(net, dataset="fashion_mnist", n=16, eps=0.1, attacks=["pgd", "autoattack"],
+    again = benchmark(net, dataset="fashion_mnist", n=16, eps=0.1, attacks=CNN_ATTACKS,
                       output=tmp_path / "out", name="view_cnn", training="clean, 400 steps",
                       authors="A. User", link="https://example.org/cnn", reported="85.70")
     assert again.summary.ALL.tolist() == res.summary.ALL.tolist()
     # other weights under the same name never replace the entry silently
     other = cnn_fmnist.make_model()
-    with pytest.raises(ValueError, match="holds results of|other weights"):
+    before = (res.run_dir / "weights.pt").read_bytes()
+    with pytest.raises(ValueError, match="holds the run of other weights"):
         benchmark(other, dataset="fashion_mnist", n=16, eps=0.1, attacks=["pgd"],
                   output=tmp_path / "out", name="view_cnn")
+    assert (res.run_dir / "weights.pt").read_bytes() == before     # the old run stays intact
 
     # the torchdeq DEQ: DEQ-aware, its own forward reported, early state + grid + AutoAttack
     _, model = tdeq
@@ -305,7 +311,6 @@ def test_benchmark_call_on_a_plain_model_and_a_torchdeq_deq(examples, tdeq, tmp_
     assert {e["name"] for e in read_entries(res.entry_path.parent)} >= set(names) | {"view_cnn"}
 
 
-@pytest.mark.slow
 def test_config_and_cli_journey_for_user_models(tmp_path, capsys):
     """configs/eval/byo_fmnist.yaml (both outside models from user code) through
     `deqbench leaderboard`, with reduced budgets."""
@@ -317,8 +322,8 @@ def test_config_and_cli_journey_for_user_models(tmp_path, capsys):
     raw["data"]["n"], raw["shard_size"] = 8, 8
     raw["attacks"] = {"pgd": {"steps": 2}, "grid": {"steps": 1, "kas": [1], "lams": [0.5]},
                       "autoattack": {"attacks": ["apgd-ce"], "budget": {"apgd_n_iter": 2},
-                                     "on_test_time_defenses": False},
-                      "adaptive": {"steps": 1}}
+                                     "on_test_time_defenses": False}}
+    # (the adaptive attacks on the entropy-reduction entry cost minutes: the README's run)
     for m in raw["models"]:   # paths relative to the repository, the test runs anywhere
         m["factory"] = str(ROOT / m["factory"])
         m["checkpoint"] = str(ROOT / m["checkpoint"])
