@@ -40,7 +40,8 @@ ATTACK_PRESETS = {
         "grid": {"steps": 10, "kas": [1, 5, 9], "lams": [0.5, 1.0]},
         "autoattack": {"attacks": ["apgd-ce", "apgd-t"],
                        "budget": {"apgd_n_iter": 10, "apgd_t_n_target_classes": 3}},
-        "adaptive": {"steps": 10},
+        "adaptive": {"steps": 10, "budget": {"apgd_n_iter": 10, "apgd_t_n_target_classes": 3,
+                                             "square_n_queries": 200}},
         "checks": {"steps": 5, "square_queries": 200},
     },
     "standard": {  # the paper's protocol with the standard budgets
