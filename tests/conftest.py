@@ -1,9 +1,14 @@
 """Shared fixtures for the model-zoo tests."""
 import dataclasses
+import os
 
 import pytest
 import torch
 from torch import nn
+
+# The suite runs as pytest-xdist workers, one per core: the runner's own worker processes
+# ('auto' = 2 on a CPU) would oversubscribe them. The tests of the parallel runner ask for them.
+os.environ.setdefault("DEQBENCH_WORKERS", "1")
 
 
 def calibrate_batchnorm(model, x):

@@ -922,3 +922,61 @@ def test_top_settings_table4(checkpoints, tmp_path):
         assert r["apgd-ce"] == pytest.approx(float((a.reindex(clean.index).fillna(0) * clean).mean()))
     with pytest.raises(ConfigError, match="attacks.top_settings: needs attacks.grid"):
         from_dict(dict(raw, attacks={"top_settings": {"k": 2}}))
+
+
+# ------------------------------------------------------------------------------------------------
+# local worker processes (issue 16: two single-thread processes on a 2-core CPU)
+# ------------------------------------------------------------------------------------------------
+
+@needs_data
+def test_parallel_workers_equal_serial_run(reference, checkpoints, tmp_path, monkeypatch):
+    """Two local worker processes, each unit sent once its dependencies are committed: the
+    same records and units as the serial single-thread run (every unit is seeded by its own
+    id), one database, and a rerun has nothing to do."""
+    from benchmark.runner import resolve_workers
+    _, ref_res, ref_path = reference
+    cfg = _cfg(checkpoints, tmp_path)
+    monkeypatch.delenv("DEQBENCH_WORKERS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)   # 2 workers x 1 thread, as on the CI CPU
+    assert resolve_workers("auto", cfg) == (2, 1)
+    res = evaluate(cfg, progress=False, workers=2)
+    assert res["complete"] and res["units_run"] == PLANNED
+    path = Path(res["db"])
+    assert path == cfg.run_dir / "results.sqlite"
+    assert not list(cfg.run_dir.glob("results.rank*.sqlite"))
+    _assert_complete(path)
+    assert_same_records(ref_path, path)
+    pd.testing.assert_frame_equal(res["summary"], ref_res["summary"])
+    with ResultsDB(path) as db:
+        assert db.get_meta("last_invocation/0/workers") == {"workers": 2, "threads_per_worker": 1}
+    assert evaluate(cfg, progress=False, workers=2)["units_run"] == 0
+
+
+def test_workers_argument_and_dependencies(checkpoints, tmp_path, monkeypatch):
+    from benchmark.runner import _unit_deps, resolve_workers
+    cfg = _cfg(checkpoints, tmp_path)
+    monkeypatch.delenv("DEQBENCH_WORKERS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert resolve_workers("auto", cfg, world=2)[0] == 1      # torchrun: one process per rank
+    assert resolve_workers(3, cfg) == (3, 1)
+    monkeypatch.setenv("DEQBENCH_WORKERS", "1")
+    assert resolve_workers("auto", cfg)[0] == 1
+    for bad in (0, -1, 1.5, True, "two"):
+        with pytest.raises(ValueError, match="workers must be an integer >= 1 or 'auto'"):
+            resolve_workers(bad, cfg)
+    m_deq, m_cnn = cfg.models
+    todo = [(m_deq, "final", "clean", 0, 4), (m_cnn, "final", "clean", 0, 4),
+            (m_deq, "final", "grid", 0, 4), (m_deq, "final", "grid", 4, 8),
+            (m_deq, "final", "top_settings", 0, 4), (m_cnn, "final", "transfer", 0, 4)]
+    deps = _unit_deps(todo)
+    assert deps[0] == set() and deps[1] == set()
+    assert deps[2] == {0} and deps[3] == set()          # its model's earlier units, same shard
+    assert deps[4] == {0, 2}                             # top_settings reads the grid
+    assert deps[5] == {0, 1, 2, 4}                       # transfer reads every model's grid
+
+
+def test_cli_workers_flag_errors(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "benchmark.cli", "evaluate", "x.yaml",
+                          "--workers", "0"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 2 and "--workers: must be an integer >= 1 or 'auto', got '0'" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -115,11 +115,15 @@ class ProtocolAttack:
     default gets the :class:`UnitContext`; ``None`` = computed or unset), ``order`` (plan
     position: units of lower order run first, so an attack that reads another's records --
     top_settings reads grid -- must come later), ``always`` (runs without a config section:
-    clean)."""
+    clean), ``reads_all_models`` (its units read other models' records of the same shard, so a
+    parallel run waits for every earlier unit of the shard, not only its model's), ``pinned``
+    (a parallel run sends all its units to one worker, which keeps its ``cache``)."""
     key: ClassVar[str] = ""
     options: ClassVar[dict] = {}
     order: ClassVar[float] = 100.0
     always: ClassVar[bool] = False
+    reads_all_models: ClassVar[bool] = False
+    pinned: ClassVar[bool] = False
 
     def check(self, opts: dict, cfg, attacks: dict) -> None:
         """Validate this attack's options beyond the generic ones the run config checks (known

@@ -51,6 +51,8 @@ class Transfer(ProtocolAttack):
     options = {"sources": None, "targets": None, "steps": 10, "alpha": lambda ctx: ctx.eps / 4,
                "surrogates": ["strongest"]}
     order = 70
+    reads_all_models = True  # the sources' strongest grid settings (runner: unit dependencies)
+    pinned = True            # its cache of crafted examples serves every target: one worker
 
     def check(self, opts, cfg, attacks):
         for k in ("sources", "targets"):
