@@ -33,7 +33,8 @@ from model_zoo.forward import prediction_entropy
 from model_zoo.scoring import check_labels, predict, safe_margin, score_logits
 
 from .pgd import check_linf_ball
-from .surrogates import GradientSource, JudgedModule, UnrolledIntermediate, grid_settings
+from .surrogates import (GradientSource, JudgedModule, StackedUnrolled, UnrolledIntermediate,
+                         grid_settings)
 
 __all__ = ["AttackOutcome", "GridOutcome", "FEvalMeter", "reported_margin", "rescore",
            "pgd_attack", "pgd_attack_steps", "grid_attack", "autoattack_attack", "torchattacks_attack",
@@ -96,6 +97,24 @@ class FEvalMeter:
     def on(self, idx: Tensor, queries: float = 1.0):
         return FEvalMeter._Block(self, idx, queries)
 
+    def add_rows(self, idx: Tensor, unit: Tensor, nograd: Tensor, grad: Tensor,
+                 queries: float = 1.0) -> None:
+        """Attribute one call over stacked rows: rows of the same ``unit`` (one grid setting on
+        one chunk of examples) share their unit's evaluations evenly, exactly as ``on(idx_unit)``
+        around a call on those rows alone would (with per-sample solver decisions a unit's
+        total does not depend on what else is in the batch). idx, unit, nograd, grad: (R,);
+        within a unit the example indices are distinct."""
+        idx, unit = idx.detach().cpu(), unit.detach().cpu()
+        nograd, grad = nograd.detach().cpu(), grad.detach().cpu()
+        for u in torch.unique(unit).tolist():
+            sel = unit == u
+            k = max(int(sel.sum()), 1)
+            rows = idx[sel]
+            if self.totals is not None:
+                self.nograd[rows] += _exact_sum(nograd[sel]) / k
+                self.grad[rows] += _exact_sum(grad[sel]) / k
+            self.queries[rows] += queries
+
     @property
     def total(self) -> Tensor:
         return self.nograd + self.grad
@@ -105,6 +124,13 @@ class FEvalMeter:
         """nograd + 3 x grad: a forward f with graph plus its backward (~2 F), the convention of
         the reference arithmetic (spec section 7 item 14)."""
         return self.nograd + 3 * self.grad
+
+
+def _exact_sum(t: Tensor):
+    """Sum of per-row counts as a Python number (int for integer counts), so that sum / k is
+    the same float as FEvalMeter.on's (totals difference) / k."""
+    v = t.sum().item()
+    return int(v) if not t.is_floating_point() or float(v).is_integer() else v
 
 
 def reported_margin(logits: Tensor, y: Tensor) -> Tensor:
@@ -408,6 +434,7 @@ class GridOutcome:
     mode: str
     entropy: Optional[Tensor] = None
     clean_entropy: Optional[Tensor] = None
+    stacked: bool = False  # settings sharing i ran as one batch (grid_attack's stack option)
 
     @property
     def setting_accuracy(self) -> Optional[list]:
@@ -426,11 +453,137 @@ class GridOutcome:
         return self.worst.accuracy
 
 
+# Default bound on the rows of one stacked grid batch: (settings sharing i) x (examples). On the
+# tiny Fashion-MNIST DEQ 512 rows of a Ka = 9 unroll stay far below 4 GB of memory
+# (benchmark/bench_grid_stack.py prints the peak RSS); larger models should pass less.
+GRID_STACK_ROWS = 512
+
+
+def _stackable(model, settings) -> bool:
+    """Stacking settings into one batch leaves every row's numbers unchanged only when rows are
+    independent: per-sample solver decisions and no dropout masks drawn per batch."""
+    return (all(type(s) is UnrolledIntermediate for s in settings)
+            and getattr(model.solver, "decisions", "sample") == "sample"
+            and not getattr(model, "training", False)
+            and not getattr(model.solver, "keep_graph", False))
+
+
+def _reported_counted(judged: JudgedModule, x: Tensor, batch_size: int):
+    """The reported forward on x (no gradient) in batches of ``batch_size``: logits (B, C) and
+    per-row f_theta evaluations (nograd (B,), grad (B,)) from its records. Evaluations the
+    records do not show (the model's totals moved by more) are spread evenly over the rows."""
+    model = judged.model
+    t = model.f_evals
+    n0, g0 = t.nograd, t.grad
+    logits, ng, gr = [], [], []
+    with torch.no_grad():
+        for s in range(0, len(x), batch_size):
+            rec = model.run(x[s:s + batch_size].detach(), defense=judged.reported)
+            logits.append(rec.logits)
+            ng.append(rec.nfev_nograd.detach().cpu().long())
+            gr.append(rec.nfev_grad.detach().cpu().long())
+    ng, gr = torch.cat(ng), torch.cat(gr)
+    dn, dg = (t.nograd - n0) - int(ng.sum()), (t.grad - g0) - int(gr.sum())
+    if dn or dg:
+        ng, gr = ng + dn / len(x), gr + dg / len(x)
+    return torch.cat(logits), ng, gr
+
+
+def _pgd_core_stacked(model, base: JudgedModule, i: int, preset: str, ka: Tensor, lam: Tensor,
+                      unit: Tensor, x, y, eps, alpha, steps, start: Tensor, early_stop: bool,
+                      meter: FEvalMeter, idx_global: Tensor, max_checks: int = 1,
+                      skip_last_f: bool = False):
+    """:func:`_pgd_core` with ``surrogate_only=True`` on stacked rows (setting x example) of
+    settings that share i: row r attacks with ``UnrolledIntermediate(i, ka[r], lam[r])``.
+    Every per-row rule is _pgd_core's -- its own iterate, early stop and ``max_checks`` --
+    so each row takes the iterates it would take in its own setting's batch; one surrogate
+    call (and one reported call for the fooled rows) per step serves all settings.
+    ``unit`` (R,): the (setting, example chunk) of each row, for the f-eval attribution."""
+    x_adv = start.clone()
+    R = len(x)
+    stopped = torch.zeros(R, dtype=torch.bool, device=x.device)
+    checks = torch.zeros(R, dtype=torch.long, device=x.device)
+    for _ in range(1, steps + 1):
+        act = (~stopped).nonzero().flatten()
+        if len(act) == 0:
+            break
+        ac = act.cpu()
+        src = StackedUnrolled(i, ka[ac], lam[ac], preset, skip_last_f=skip_last_f)
+        xv = x_adv[act].clone().requires_grad_(True)
+        with torch.enable_grad():
+            out = src.logits(model, xv)
+            loss = F.cross_entropy(out, y[act], reduction="sum")
+            (g,) = torch.autograd.grad(loss, xv)
+        meter.add_rows(idx_global[ac], unit[ac], *src.last_counts)
+        g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+        move = torch.ones(len(act), dtype=torch.bool, device=x.device)
+        if early_stop:
+            fooled = (~score_logits(out, y[act])[0]
+                      & (checks[act] < max_checks)).nonzero().flatten()
+            if len(fooled):
+                rows = act[fooled]
+                checks[rows] += 1
+                r, ng, gr = _reported_counted(base, x_adv[rows], max(len(rows), 1))
+                meter.add_rows(idx_global[rows.cpu()], unit[rows.cpu()], ng, gr)
+                broken = ~score_logits(r, y[rows])[0]
+                stopped[rows[broken]] = True
+                move[fooled[broken]] = False
+        a = act[move]
+        step = x_adv[a] + alpha * g[move].sign()
+        x_adv[a] = torch.min(torch.max(step, x[a] - eps), x[a] + eps).clamp(0, 1)
+    return x_adv, stopped
+
+
+def _grid_stacked(model, base, settings, x, y, eps, alpha, steps, starts, mode, meter, todo,
+                  batch_size, stack_rows, skip_last_f, on_result, bar):
+    """Run the settings of ``settings`` that share (i, preset) as stacked batches of whole
+    (setting, example chunk) units -- the chunks of ``todo`` by ``batch_size`` that the
+    per-setting loop uses -- of at most ``stack_rows`` rows (at least one unit), and report
+    each unit's results as ``on_result(si, b, x_adv, correct, margin, logits)``."""
+    groups = {}
+    for si, s in enumerate(settings):
+        groups.setdefault((s.i, s.preset), []).append(si)
+    chunks = [todo[s:s + batch_size] for s in range(0, len(todo), batch_size)]
+    for (i, preset), members in groups.items():
+        for b in chunks:
+            per_stack = max(1, stack_rows // max(len(b), 1))
+            n_stacks = -(-len(members) // per_stack)
+            per_stack = -(-len(members) // n_stacks)  # equal stacks: 18 -> 9 + 9, not 16 + 2
+            for k in range(0, len(members), per_stack):
+                units = members[k:k + per_stack]
+                bc = b.cpu()
+                xs = x[b].repeat(len(units), *([1] * (x.dim() - 1)))
+                ys = y[b].repeat(len(units))
+                st = torch.cat([starts(si)[b] for si in units])
+                ka = torch.tensor([settings[si].ka for si in units]).repeat_interleave(len(b))
+                lam = torch.tensor([settings[si].lam for si in units],
+                                   dtype=torch.float64).repeat_interleave(len(b))
+                unit = torch.arange(len(units)).repeat_interleave(len(b))
+                gidx = bc.repeat(len(units))
+                xa, _ = _pgd_core_stacked(model, base, i, preset, ka, lam, unit, xs, ys, eps,
+                                          alpha, steps, st, mode != "naive", meter, gidx,
+                                          skip_last_f=skip_last_f)
+                check_linf_ball(xa, xs, eps)
+                lg, ng, gr = _reported_counted(base, xa, batch_size)
+                meter.add_rows(gidx, unit, ng, gr)
+                c, m = score_logits(lg, ys)[0], reported_margin(lg, ys)
+                if mode == "naive":  # the reference re-evaluates the clean inputs every setting
+                    lc, ng, gr = _reported_counted(base, xs, max(len(xs), 1))
+                    meter.add_rows(gidx, unit, ng, gr)
+                    c = c & score_logits(lc, ys)[0]
+                for u, si in enumerate(units):
+                    r = slice(u * len(b), (u + 1) * len(b))
+                    on_result(si, b, xa[r], c[r], m[r], lg[r])
+                if bar is not None:
+                    bar.update(len(units) / len(chunks))
+
+
 def grid_attack(model, reported, x: Tensor, y: Tensor, eps: float, alpha: float,
                 steps: int = 10, settings: Optional[Sequence[GradientSource]] = None,
                 mode: str = "efficient", seed: int = 0, random_start: bool = True,
-                batch_size: int = 256, progress: bool = False, budget: str = "standard"
-                ) -> GridOutcome:
+                batch_size: int = 256, progress: bool = False, budget: str = "standard",
+                stack: bool = True, stack_rows: int = GRID_STACK_ROWS,
+                skip_last_f: bool = False) -> GridOutcome:
     """PGD-``steps`` with every gradient source in ``settings`` (default: the paper's 144
     (i, Ka, lambda) settings for the model's N), judged on ``reported``.
 
@@ -445,6 +598,19 @@ def grid_attack(model, reported, x: Tensor, y: Tensor, eps: float, alpha: float,
     breaks is broken here too. PGD's loss is cross-entropy on the SURROGATE's logits, as in
     the reference (the straight-through module of :func:`pgd_attack` weights the surrogate's
     gradient by the reported forward's softmax instead).
+
+    ``stack=True`` (modes 'full' and 'naive'): the settings sharing (i, preset) run as ONE
+    batch of rows (setting x example, at most ``stack_rows`` rows) through
+    :class:`~attacks.surrogates.StackedUnrolled` -- one no-grad solve to z[i] and one unroll
+    (each row stopping after its own Ka) per PGD step for all of them. Every row keeps its own
+    random start, iterates, early stop and check budget, and each setting's f-evaluations are
+    attributed to its examples as in the per-setting loop, so all records are the same
+    (to the last bits of batched kernels; tests/test_grid_stacking.py). 'efficient' mode is
+    never stacked: which points a setting attacks depends on every earlier setting's result.
+    ``stack=False``, or settings/models whose rows are not independent (see
+    :func:`_stackable`), run the per-setting loop. ``skip_last_f=True``: skip the solver's
+    unused f(z[i]) in every surrogate call (same iterates, fewer counted evaluations; see
+    :func:`attacks.surrogates._solve_to`).
     """
     if mode not in ("efficient", "full", "naive"):
         raise ValueError(f"mode must be 'efficient', 'full' or 'naive', got {mode!r}")
@@ -476,7 +642,16 @@ def grid_attack(model, reported, x: Tensor, y: Tensor, eps: float, alpha: float,
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=S, desc=f"grid ({mode})", leave=False)
-    for si, src in enumerate(settings):
+    if stack_rows is None or int(stack_rows) < 1:
+        raise ValueError(f"stack_rows must be an integer >= 1, got {stack_rows!r}")
+    stacked = bool(stack) and mode != "efficient" and _stackable(model, settings)
+    if stacked:
+        x_adv, robust = _grid_run_stacked(model, base, settings, x, y, eps, alpha, steps, seed,
+                                          random_start, mode, meter, clean_correct, per, ent,
+                                          batch_size, int(stack_rows), skip_last_f, bar)
+    for si, src in enumerate(settings if not stacked else []):
+        if skip_last_f and type(src) is UnrolledIntermediate:
+            src = UnrolledIntermediate(src.i, src.ka, src.lam, src.preset, skip_last_f=True)
         judged = JudgedModule(model, reported, src, fused=mode != "naive")
         todo = (robust if mode == "efficient" else clean_correct).nonzero().flatten()
         # the random start depends on (seed, setting), not on the setting's position in the list
@@ -528,7 +703,65 @@ def grid_attack(model, reported, x: Tensor, y: Tensor, eps: float, alpha: float,
               "settings": [s.config() for s in settings], **base.config()}
     worst = _outcome(f"grid_{mode}", x_adv, correct, final_margin, broken_by, meter, config, t0)
     return GridOutcome(settings=names, per_setting=per, worst=worst, mode=mode, entropy=ent,
-                       clean_entropy=clean_h)
+                       clean_entropy=clean_h, stacked=stacked)
+
+
+def _grid_run_stacked(model, base, settings, x, y, eps, alpha, steps, seed, random_start, mode,
+                      meter, clean_correct, per, ent, batch_size, stack_rows, skip_last_f, bar):
+    """The stacked path of :func:`grid_attack` (modes 'full' and 'naive'); fills ``per`` and
+    ``ent`` and returns (x_adv, robust). Units finish in stacking order, not list order, so the
+    per-example worst case is merged order-free into what the list-order loop keeps: the
+    breaking example of the FIRST setting (in list order) that broke the point, else the
+    lowest-margin example (the first setting on ties)."""
+    n, S = len(x), len(settings)
+    brk_si = torch.full((n,), S, dtype=torch.long)
+    rob_si = torch.full((n,), S, dtype=torch.long)
+    rob_m = torch.full((n,), float("inf"))
+    x_brk, x_rob = x.clone(), x.clone()
+    robust = clean_correct.clone()
+
+    def starts(si):
+        if not random_start:
+            return x
+        noise = _uniform_noise(x.shape, derive_seed(seed, "grid", setting_name(settings[si])),
+                               x.device, x.dtype)
+        return (x + (2 * noise - 1) * eps).clamp(0, 1)
+
+    def on_result(si, b, xa, c, m, lg):
+        bc = b.cpu()
+        ent[si, bc] = _entropy(lg)
+        per[si, bc] = c.to(torch.int8).cpu()
+        cc, mm = c.cpu(), m.cpu().float()
+        first = ~cc & (si < brk_si[bc])
+        brk_si[bc[first]] = si
+        x_brk[b[first.to(b.device)]] = xa[first.to(xa.device)]
+        lower = cc & ((mm < rob_m[bc]) | ((mm == rob_m[bc]) & (si < rob_si[bc])))
+        rob_si[bc[lower]] = si
+        rob_m[bc[lower]] = mm[lower]
+        x_rob[b[lower.to(b.device)]] = xa[lower.to(xa.device)]
+        robust[b] &= c
+
+    todo = clean_correct.nonzero().flatten()
+    _grid_stacked(model, base, settings, x, y, eps, alpha, steps, _StartCache(starts), mode,
+                  meter, todo, batch_size, stack_rows, skip_last_f, on_result, bar)
+    was_broken = (brk_si < S).to(x.device)
+    x_adv = torch.where(was_broken.view(-1, *([1] * (x.dim() - 1))), x_brk, x_rob)
+    return x_adv, robust
+
+
+class _StartCache:
+    """Per-setting random starts (built from the setting's seed over the whole batch, as the
+    per-setting loop does), cached while a stack uses them."""
+
+    def __init__(self, build, keep: int = 32):
+        self.build, self.keep, self.store = build, keep, {}
+
+    def __call__(self, si):
+        if si not in self.store:
+            if len(self.store) >= self.keep:
+                self.store.pop(next(iter(self.store)))
+            self.store[si] = self.build(si)
+        return self.store[si]
 
 
 def _entropy(logits: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from model_zoo.forward import EarlyState, EntropyReduction, FinalState, _Forward, unroll
 
-__all__ = ["GradientSource", "UnrolledIntermediate", "PhantomFinal", "ImplicitFinal",
+__all__ = ["GradientSource", "UnrolledIntermediate", "StackedUnrolled", "PhantomFinal", "ImplicitFinal",
            "FullBackprop", "BPDAPurification", "DefendedTrajectory", "Undefended",
            "JudgedModule", "make_surrogate", "grid_settings"]
 
@@ -46,7 +46,8 @@ class UnrolledIntermediate(GradientSource):
     """
     name = "unrolled_intermediate"
 
-    def __init__(self, i: int, ka: int, lam: float, preset: str = "reference"):
+    def __init__(self, i: int, ka: int, lam: float, preset: str = "reference",
+                 skip_last_f: bool = False):
         if not isinstance(i, int) or i < 1:
             raise ValueError(f"i must be an integer >= 1, got {i!r}")
         if not isinstance(ka, int) or ka < 1:
@@ -56,6 +57,9 @@ class UnrolledIntermediate(GradientSource):
         if preset not in ("reference", "paper"):
             raise ValueError(f"preset must be 'reference' or 'paper', got {preset!r}")
         self.i, self.ka, self.lam, self.preset = i, ka, float(lam), preset
+        # skip the solver's unused f(z[i]) (see _solve_to): same z[i], one f eval less per row;
+        # a cost option, not part of the setting's identity (config/name unchanged)
+        self.skip_last_f = bool(skip_last_f)
 
     def config(self):
         return {"name": self.name, "i": self.i, "ka": self.ka, "lam": self.lam, "preset": self.preset}
@@ -67,10 +71,96 @@ class UnrolledIntermediate(GradientSource):
     def logits(self, model, x):
         self.check(model)
         ctx = model.context(x)
-        traj = model.solver.with_options(max_iter=self.i, keep_graph=False).solve(
-            ctx.f, model.zero_state(x))
-        z = traj.state(self.i).detach()
+        z = _solve_to(model, ctx, x, self.i, getattr(self, "skip_last_f", False))
         u = unroll(ctx, z, self.ka, self.lam, first_full=self.preset == "reference")
+        return ctx.head(u)
+
+
+def _solve_to(model, ctx, x: Tensor, i: int, skip_last_f: bool) -> Tensor:
+    """z[i] of the model's solver (no gradient), detached, (B, D).
+
+    ``skip_last_f=True`` skips the solver's evaluation of f at z[i] itself: it only feeds
+    z[i]'s residual (and the stop/protect decision for iteration i + 1, which never runs),
+    while the unroll recomputes f(z[i]) with gradient -- so z[i] is bit-identical and each row
+    active at iteration i costs one f evaluation less. Every solver here calls f once in its
+    start (f(z0)) and once per iteration with active rows, and an iteration with no active row
+    is followed only by such iterations, so the (i + 1)-th call is iteration i's. The wrapper
+    returns z for that call (a zero residual nobody reads) and the call is not counted,
+    because it is not made. Kept here rather than in the solver because only this caller
+    knows the last iterate's f is wasted."""
+    solver = model.solver.with_options(max_iter=i, keep_graph=False)
+    f = ctx.f
+    if skip_last_f:
+        calls = [0]
+
+        def f(z, idx=None):
+            calls[0] += 1
+            return z if calls[0] == i + 1 else ctx.f(z, idx)
+    traj = solver.solve(f, model.zero_state(x))
+    return traj.state(i).detach()
+
+
+class StackedUnrolled(GradientSource):
+    """Eq. (11) for a stack of grid settings that share i, one row per (setting, example):
+    ONE no-grad solve to z[i] for all rows, then the unroll with a per-row ``ka`` (LongTensor
+    (R,)) and ``lam`` (float tensor (R,)) -- a row stops unrolling after its own ka steps (the
+    rows still unrolling are an index subset; f is evaluated only on them). Row r's logits equal
+    ``UnrolledIntermediate(i, ka[r], lam[r], preset).logits`` on that row alone (up to the last
+    bits of batched kernels): the model's per-sample operations (convs, group norm, eval-mode
+    batch norm) and per-sample solver decisions make rows independent.
+
+    After ``logits``, ``last_counts`` = (nograd, grad): (R,) LongTensor f_theta evaluations of
+    each row in that call, so callers can attribute the cost per setting."""
+    name = "stacked_unrolled"
+
+    def __init__(self, i: int, ka: Tensor, lam: Tensor, preset: str = "reference",
+                 skip_last_f: bool = False):
+        if not isinstance(i, int) or i < 1:
+            raise ValueError(f"i must be an integer >= 1, got {i!r}")
+        if preset not in ("reference", "paper"):
+            raise ValueError(f"preset must be 'reference' or 'paper', got {preset!r}")
+        ka = torch.as_tensor(ka, dtype=torch.long).flatten()
+        lam = torch.as_tensor(lam, dtype=torch.float64).flatten()
+        if len(ka) != len(lam):
+            raise ValueError(f"ka and lam need one entry per row, got {len(ka)} and {len(lam)}")
+        if len(ka) and (int(ka.min()) < 1 or not bool(((lam > 0) & (lam <= 1)).all())):
+            raise ValueError("every ka must be >= 1 and every lam in (0, 1]")
+        self.i, self.ka, self.lam, self.preset = i, ka, lam, preset
+        self.skip_last_f = bool(skip_last_f)
+        self.last_counts = None
+
+    def config(self):
+        return {"name": self.name, "i": self.i, "ka": self.ka.tolist(),
+                "lam": self.lam.tolist(), "preset": self.preset}
+
+    def check(self, model):
+        if self.i > model.solver.max_iter:
+            raise ValueError(f"i={self.i} exceeds the solver's N={model.solver.max_iter}")
+
+    def logits(self, model, x):
+        self.check(model)
+        if len(x) != len(self.ka):
+            raise ValueError(f"{len(self.ka)} (ka, lam) rows for a batch of {len(x)}")
+        ctx = model.context(x)
+        z = _solve_to(model, ctx, x, self.i, self.skip_last_f)
+        ka = self.ka.to(x.device)
+        # per-row lam as a column in the state's dtype: the same float32 products as the
+        # scalar lam of UnrolledIntermediate (0.5 and 1 are exact; 1 - lam computed in float64)
+        lam = self.lam.to(x.device, z.dtype)[:, None]
+        one_m = (1 - self.lam).to(x.device, z.dtype)[:, None]
+        u = ctx.f(z) if self.preset == "reference" else z
+        for t in range(1, int(ka.max()) + 1 if len(ka) else 1):
+            live = ka >= t
+            if bool(live.all()):
+                u = one_m * u + lam * ctx.f(u)
+            else:
+                idx = live.nonzero().flatten()
+                ua = u.index_select(0, idx)
+                step = one_m[idx] * ua + lam[idx] * ctx.f(ua, idx)
+                u = u.index_copy(0, idx, step)
+        counter = getattr(ctx, "counter", None)
+        self.last_counts = (None if counter is None else
+                            (counter.nograd.detach().cpu(), counter.grad.detach().cpu()))
         return ctx.head(u)
 
 
