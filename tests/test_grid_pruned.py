@@ -155,3 +155,25 @@ def test_bad_config_one_line(tmp_path, grid, match):
         from_dict(_raw(tmp_path, **grid))
     assert "\n" not in str(e.value)
     assert not (tmp_path / "pruned").exists()
+
+
+def test_bench_grid_pruned_small(tmp_path):
+    """benchmark/bench_grid_pruned.py on a shrunken grid: the per-role f-equivalents add up to
+    the per-example mean, the accuracies and the miss rate are consistent with the records."""
+    from benchmark.bench_grid_pruned import REFERENCE_F, _finite, format_text, run
+    r = run(ZOO, 6, calibration=3, audit=2, steps=1, kas=[1], lams=[1.0], output=tmp_path)
+    assert REFERENCE_F == 44352 and r["settings"] == 8
+    roles = r["F_by_role"]
+    assert sum(v["n"] for v in roles.values()) == 6
+    mean = sum(v["n"] * v["F_per_example"] for v in roles.values() if v["n"]) / 6
+    assert abs(mean - r["F_per_example"]) < 1e-6 * mean
+    assert abs(r["F_vs_reference"] - r["F_per_example"] / REFERENCE_F) < 1e-12
+    assert r["audit"] == 2 and 0 <= r["miss_rate"] <= 1
+    lo, hi = r["miss_rate_ci95"]
+    assert lo <= r["miss_rate"] <= hi
+    # chosen-only accuracy on the audit points is never below the full grid's
+    assert r["audit_robust_acc_chosen_only"] >= r["audit_robust_acc_full_grid"]
+    assert r["robust_acc_pruned"] <= r["clean_acc"]
+    assert r["summary_fields"]["grid_pruned_audited"] == 2
+    json.dumps(_finite(r), allow_nan=False, default=float)
+    assert "miss rate" in format_text(r)
