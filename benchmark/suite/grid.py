@@ -152,11 +152,12 @@ class Grid(ProtocolAttack):
                         if attacked[k] and int(g.per_setting[si, k]) == 0}
                  for si, name in enumerate(g.settings)}
         chosen = set_cover(broke)
-        if not chosen:
+        fallback = not chosen
+        if fallback:
             # nothing broke on the calibration points: keep one setting (the first name) so the
             # pruned run still attacks; the audit measures what this misses
             chosen = [min(g.settings)]
-        meta = {"chosen": chosen, "calibration": cal, "seed": seed,
+        meta = {"chosen": chosen, "fallback": fallback, "calibration": cal, "seed": seed,
                 "broken": sum(1 for k in range(len(cal)) if attacked[k] and not g.worst.correct[k]),
                 "clean_correct": sum(attacked), "n": len(cal),
                 "per_setting_broken": {s: len(v) for s, v in broke.items() if v},
@@ -234,7 +235,7 @@ class Grid(ProtocolAttack):
             "chosen": meta["chosen"], "calibration_indices": meta["calibration"],
             "audit_indices": sorted(audset), "calibration_reused": reused,
             "calibrated_in_this_unit": calibrated_here,
-            "calibration": {k: meta[k] for k in ("n", "clean_correct", "broken", "seed",
+            "calibration": {k: meta[k] for k in ("n", "clean_correct", "broken", "seed", "fallback",
                                                  "per_setting_broken",
                                                  "f_equivalents_per_example") if k in meta},
             "rerun_agrees": meta.get("rerun_agrees"),
