@@ -68,14 +68,16 @@ def run(model: str, n: int, calibration: int = 32, audit: int = 16, eps: float =
                     if (worst.role == r).any() else None}
                 for r in ("calibration", "audit", "pruned")}
     for v in per_role.values():
-        v["F_vs_reference"] = None if v["F_per_example"] is None else v["F_per_example"] / REFERENCE_F
+        f = v["F_per_example"]
+        v["F_vs_reference"] = None if f is None else f / REFERENCE_F
     f_all = float(worst.F.mean())
 
     # The most a pruned point can cost: robust to every chosen setting, each running all its
     # steps -- the calibration's costliest point's F per setting times the chosen settings (the
     # few pruned points of a small run may all break early, or be clean-misclassified).
     cal_f = worst.F[worst.role == "calibration"]
-    per = recs[(recs.setting != "worst") & recs.example.isin(worst.example[worst.role == "calibration"])]
+    cal_ex = worst.example[worst.role == "calibration"]
+    per = recs[(recs.setting != "worst") & recs.example.isin(cal_ex)]
     n_settings = int(per.setting.nunique()) if len(per) else 0
     bound = (float(cal_f.max()) / n_settings * len(meta["chosen"])
              if len(cal_f) and n_settings else None)
@@ -90,8 +92,9 @@ def run(model: str, n: int, calibration: int = 32, audit: int = 16, eps: float =
     aud = ex[worst.role == "audit"].map(lambda e: e["grid_pruned"])
     att_a = worst.attacked[worst.role == "audit"]
     n_a = len(aud)
-    acc_chosen = float(sum(a and not r["chosen_broke"] for a, r in zip(att_a, aud)) / n_a) if n_a else None
-    acc_full = float(sum(a and not r["full_broke"] for a, r in zip(att_a, aud)) / n_a) if n_a else None
+    def audit_acc(field):   # robust: correct clean and not broken by the settings of ``field``
+        return float(sum(a and not r[field] for a, r in zip(att_a, aud)) / n_a) if n_a else None
+    acc_chosen, acc_full = audit_acc("chosen_broke"), audit_acc("full_broke")
     missed = int(sum(r["full_broke"] and not r["chosen_broke"] for r in aud))
     broken = int(sum(r["full_broke"] for r in aud))
     out = {

@@ -65,11 +65,11 @@ class Grid(ProtocolAttack):
             if key in opts:
                 check_int(opts, key, 1, "attacks.grid.")
         shard = getattr(cfg, "shard_size", None)
-        if opts.get("mode") == "pruned" and isinstance(shard, int) \
-                and opts.get("calibration", self.options["calibration"]) > shard:
+        ncal = opts.get("calibration", self.options["calibration"])
+        if opts.get("mode") == "pruned" and isinstance(shard, int) and ncal > shard:
             config_error("attacks.grid.calibration",
                          f"must be <= shard_size ({shard}): the calibration runs on the entry's "
-                         f"first shard, got {opts.get('calibration', self.options['calibration'])!r}")
+                         f"first shard, got {ncal!r}")
         for key in ("kas", "lams"):
             if key in opts and (not isinstance(opts[key], list) or not opts[key]):
                 config_error(f"attacks.grid.{key}", f"must be a non-empty list, got {opts[key]!r}")
