@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.deqbench-installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data browser test test-fast demo bench zoo clean
+.PHONY: setup data browser test test-fast demo bench gpu-check gpu-check-tiny zoo clean
 
 setup: $(STAMP)
 
@@ -72,6 +72,21 @@ bench: setup data
 	$(VENV)/bin/deqbench bench train --config configs/train/fmnist_deq_tiny_pgdat.yaml --output $(DEMO_RUN)/bench/train.json
 	$(VENV)/bin/deqbench bench forward --model deq_tiny_fmnist_trades_sec33 --output $(DEMO_RUN)/bench/forward.json
 	@if [ -f $(DEMO_RUN)/results.sqlite ]; then $(VENV)/bin/deqbench tables $(DEMO_RUN); fi
+
+# The one-shot GPU check for a short loan of one CUDA GPU (<= 8 min; benchmark/gpu_check.py):
+# the tests marked cuda, bench forward / train of deq_large (fp32 and bf16 autocast) beside the
+# paper's Tables 9-10, a few-image protocol run, a 2-process NCCL check with >= 2 GPUs. Writes one
+# JSON ($(GPU_CHECK_OUT)); every step has its own time limit and a failing step never stops it.
+# gpu-check-tiny: the same steps on the CPU at tiny sizes (what tests/test_gpu_check.py runs).
+# No `setup` prerequisite: on a GPU machine without network the project's .venv is used when it
+# exists, else that machine's python3 (with torch; torchdeq and pyautoattack carried as wheels).
+GPU_CHECK_OUT ?= runs/gpu_check/gpu_check.json
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_PY) -m benchmark.gpu_check --out $(GPU_CHECK_OUT)
+
+gpu-check-tiny:
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(GPU_PY) -m benchmark.gpu_check --tiny --out runs/gpu_check/gpu_check_tiny.json
 
 # Re-train and re-publish the shipped Fashion-MNIST zoo (hours on a 2-core CPU; see README).
 # Each entry of ZOO_RUNS is RUN[+RUN...]:NAME: the runs are trained in order (each continues the
