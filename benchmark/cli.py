@@ -387,6 +387,8 @@ def _attack_section(args):
                 "budget": _key_values(args.aa_budget, "--aa-budget", int)}
     elif name == "adaptive":
         opts = {"steps": args.steps}
+        if args.aa_budget:    # the adaptive protocol's APGD / Square budget
+            opts["budget"] = _key_values(args.aa_budget, "--aa-budget", int)
     else:
         return None, None
     if args.alpha is not None and name != "autoattack":
@@ -450,6 +452,18 @@ def cmd_attack(args):
     if args.output:
         _write_json(args.output, res)
         print(f"  per-example record: {args.output}")
+    return 0
+
+
+def cmd_bench_protocol(args):
+    from benchmark.bench_protocol import bench_protocol, format_report
+    res = bench_protocol(args.config, args.n, baseline=args.baseline, rounds=args.rounds,
+                         workers=args.workers, keep=args.keep,
+                         attacks=args.attacks.split(",") if args.attacks else None)
+    print(format_report(res))
+    if args.output:
+        _write_json(args.output, res)
+        print(f"\nwrote {args.output}")
     return 0
 
 
@@ -832,6 +846,20 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--allow-untrained", action="store_true")
     at.add_argument("--output", default=None)
     at.set_defaults(func=cmd_attack)
+
+    bp = bench.add_parser("protocol", help="a run config's protocol on N examples: wall time and "
+                          "f_theta evaluations per example and attack; --baseline REV compares "
+                          "with another git revision, interleaved")
+    bp.add_argument("config")
+    bp.add_argument("--n", type=_pos_int, required=True, help="the config's first N examples")
+    bp.add_argument("--baseline", default=None, help="git revision to compare with (a worktree)")
+    bp.add_argument("--rounds", type=_pos_int, default=1, help="interleaved rounds (A B, B A, ...)")
+    bp.add_argument("--workers", type=_workers_arg, default="auto", help=WORKERS_HELP)
+    bp.add_argument("--attacks", default=None, help="comma-separated attacks sections to keep "
+                    "(default: all of the config's)")
+    bp.add_argument("--keep", default=None, help="folder for the runs (default: a temp folder)")
+    bp.add_argument("--output", default=None, help="write the result as JSON")
+    bp.set_defaults(func=cmd_bench_protocol)
 
     bg = bench.add_parser("grid", help="(i, Ka, lambda) grid worst case: efficient vs reference protocol")
     bg.add_argument("--model", default="deq_tiny_fmnist_pgdat")

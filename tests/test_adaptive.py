@@ -262,3 +262,19 @@ def test_test_time_defense_entries_have_their_own_section_and_external(tmp_path)
     html = paths["html"].read_text()
     assert 'id="leaderboard-ttd"' in html
     assert html.index('data-name="m+entropy_reduction"') > html.index('id="leaderboard-ttd"')
+
+
+def test_cli_attack_adaptive_needs_the_test_time_defense(tmp_path):
+    """`deqbench attack --attack adaptive` runs the adaptive protocol (attacks.adaptive), which
+    evaluates the Sec. 3.2 defense: on a plain forward it is a one-line error, nothing written."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    out = tmp_path / "a.json"
+    r = subprocess.run([sys.executable, "-m", "benchmark.cli", "attack", "--model",
+                        "deq_tiny_fmnist_trades", "--attack", "adaptive", "--n", "2", "--output",
+                        str(out)], cwd=Path(__file__).resolve().parent.parent,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--attack adaptive is the adaptive protocol for the Sec. 3.2 test-time defense" in r.stderr
+    assert not out.exists()
