@@ -494,7 +494,8 @@ def _pgd_core_stacked(model, base: JudgedModule, i: int, preset: str, ka: Tensor
                       meter: FEvalMeter, idx_global: Tensor, max_checks: int = 1,
                       skip_last_f: bool = False):
     """:func:`_pgd_core` with ``surrogate_only=True`` on stacked rows (setting x example) of
-    settings that share i: row r attacks with ``UnrolledIntermediate(i, ka[r], lam[r])``.
+    settings that share i (``i`` an int; or a LongTensor (R,) of per-row i for stacks across
+    i): row r attacks with ``UnrolledIntermediate(i[r], ka[r], lam[r])``.
     Every per-row rule is _pgd_core's -- its own iterate, early stop and ``max_checks`` --
     so each row takes the iterates it would take in its own setting's batch; one surrogate
     call (and one reported call for the fooled rows) per step serves all settings.
@@ -508,7 +509,8 @@ def _pgd_core_stacked(model, base: JudgedModule, i: int, preset: str, ka: Tensor
         if len(act) == 0:
             break
         ac = act.cpu()
-        src = StackedUnrolled(i, ka[ac], lam[ac], preset, skip_last_f=skip_last_f)
+        src = StackedUnrolled(i if isinstance(i, int) else i[ac], ka[ac], lam[ac], preset,
+                              skip_last_f=skip_last_f)
         xv = x_adv[act].clone().requires_grad_(True)
         with torch.enable_grad():
             out = src.logits(model, xv)
@@ -535,14 +537,18 @@ def _pgd_core_stacked(model, base: JudgedModule, i: int, preset: str, ka: Tensor
 
 
 def _grid_stacked(model, base, settings, x, y, eps, alpha, steps, starts, mode, meter, todo,
-                  batch_size, stack_rows, skip_last_f, on_result, bar):
-    """Run the settings of ``settings`` that share (i, preset) as stacked batches of whole
-    (setting, example chunk) units -- the chunks of ``todo`` by ``batch_size`` that the
-    per-setting loop uses -- of at most ``stack_rows`` rows (at least one unit), and report
-    each unit's results as ``on_result(si, b, x_adv, correct, margin, logits)``."""
+                  batch_size, stack_rows, skip_last_f, on_result, bar, across_i=False):
+    """Run the settings of ``settings`` that share (i, preset) -- with ``across_i``: that
+    share the preset, sorted by (i, Ka) -- as stacked batches of whole (setting, example
+    chunk) units -- the chunks of ``todo`` by ``batch_size`` that the per-setting loop uses --
+    of at most ``stack_rows`` rows (at least one unit), and report each unit's results as
+    ``on_result(si, b, x_adv, correct, margin, logits)``."""
     groups = {}
     for si, s in enumerate(settings):
-        groups.setdefault((s.i, s.preset), []).append(si)
+        groups.setdefault((None if across_i else s.i, s.preset), []).append(si)
+    if across_i:
+        for key in groups:
+            groups[key].sort(key=lambda si: (settings[si].i, settings[si].ka, si))
     chunks = [todo[s:s + batch_size] for s in range(0, len(todo), batch_size)]
     for (i, preset), members in groups.items():
         for b in chunks:
@@ -560,7 +566,10 @@ def _grid_stacked(model, base, settings, x, y, eps, alpha, steps, starts, mode, 
                                    dtype=torch.float64).repeat_interleave(len(b))
                 unit = torch.arange(len(units)).repeat_interleave(len(b))
                 gidx = bc.repeat(len(units))
-                xa, _ = _pgd_core_stacked(model, base, i, preset, ka, lam, unit, xs, ys, eps,
+                iu = sorted({settings[si].i for si in units})
+                i_rows = iu[0] if len(iu) == 1 else torch.tensor(
+                    [settings[si].i for si in units]).repeat_interleave(len(b))
+                xa, _ = _pgd_core_stacked(model, base, i_rows, preset, ka, lam, unit, xs, ys, eps,
                                           alpha, steps, st, mode != "naive", meter, gidx,
                                           skip_last_f=skip_last_f)
                 check_linf_ball(xa, xs, eps)
@@ -607,6 +616,9 @@ def grid_attack(model, reported, x: Tensor, y: Tensor, eps: float, alpha: float,
     attributed to its examples as in the per-setting loop, so all records are the same
     (to the last bits of batched kernels; tests/test_grid_stacking.py). 'efficient' mode is
     never stacked: which points a setting attacks depends on every earlier setting's result.
+    ``stack='all'``: stacks across i too (one solve to the stack's largest i in which each row
+    leaves at its own i, the same f-evaluations; see
+    :func:`attacks.surrogates._solve_to_rows`).
     ``stack=False``, or settings/models whose rows are not independent (see
     :func:`_stackable`), run the per-setting loop. ``skip_last_f=True``: skip the solver's
     unused f(z[i]) in every surrogate call (same iterates, fewer counted evaluations; see
@@ -644,11 +656,15 @@ def grid_attack(model, reported, x: Tensor, y: Tensor, eps: float, alpha: float,
         bar = tqdm(total=S, desc=f"grid ({mode})", leave=False)
     if stack_rows is None or int(stack_rows) < 1:
         raise ValueError(f"stack_rows must be an integer >= 1, got {stack_rows!r}")
+    if stack not in (True, False, "i", "all"):
+        raise ValueError(f"stack must be True/'i' (settings sharing i), 'all' (across i) or "
+                         f"False, got {stack!r}")
     stacked = bool(stack) and mode != "efficient" and _stackable(model, settings)
     if stacked:
         x_adv, robust = _grid_run_stacked(model, base, settings, x, y, eps, alpha, steps, seed,
                                           random_start, mode, meter, clean_correct, per, ent,
-                                          batch_size, int(stack_rows), skip_last_f, bar)
+                                          batch_size, int(stack_rows), skip_last_f, bar,
+                                          across_i=stack == "all")
     for si, src in enumerate(settings if not stacked else []):
         if skip_last_f and type(src) is UnrolledIntermediate:
             src = UnrolledIntermediate(src.i, src.ka, src.lam, src.preset, skip_last_f=True)
@@ -707,7 +723,8 @@ def grid_attack(model, reported, x: Tensor, y: Tensor, eps: float, alpha: float,
 
 
 def _grid_run_stacked(model, base, settings, x, y, eps, alpha, steps, seed, random_start, mode,
-                      meter, clean_correct, per, ent, batch_size, stack_rows, skip_last_f, bar):
+                      meter, clean_correct, per, ent, batch_size, stack_rows, skip_last_f, bar,
+                      across_i=False):
     """The stacked path of :func:`grid_attack` (modes 'full' and 'naive'); fills ``per`` and
     ``ent`` and returns (x_adv, robust). Units finish in stacking order, not list order, so the
     per-example worst case is merged order-free into what the list-order loop keeps: the
@@ -743,7 +760,8 @@ def _grid_run_stacked(model, base, settings, x, y, eps, alpha, steps, seed, rand
 
     todo = clean_correct.nonzero().flatten()
     _grid_stacked(model, base, settings, x, y, eps, alpha, steps, _StartCache(starts), mode,
-                  meter, todo, batch_size, stack_rows, skip_last_f, on_result, bar)
+                  meter, todo, batch_size, stack_rows, skip_last_f, on_result, bar,
+                  across_i=across_i)
     was_broken = (brk_si < S).to(x.device)
     x_adv = torch.where(was_broken.view(-1, *([1] * (x.dim() - 1))), x_brk, x_rob)
     return x_adv, robust

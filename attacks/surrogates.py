@@ -100,9 +100,50 @@ def _solve_to(model, ctx, x: Tensor, i: int, skip_last_f: bool) -> Tensor:
     return traj.state(i).detach()
 
 
+def _solve_to_rows(model, ctx, x: Tensor, i_rows: Tensor, skip_last_f: bool) -> Tensor:
+    """z[i_r] for every row r (no gradient), detached, (B, D): ONE solve to max(i_rows) in
+    which a row leaves at its own i. The f handed to the solver evaluates f_theta only on rows
+    that still need it (rows before their last iterate, plus the last iterate itself unless
+    ``skip_last_f``, exactly the evaluations of a solve to i_r alone) and returns g = 0 for a
+    row at (or past) its last iterate, so the solver's per-sample stop freezes it there
+    (Broyden's state is per sample); its z[i_r] is read from the trajectory's iterates either
+    way. The call count maps to the iteration as in :func:`_solve_to`."""
+    n_max = int(i_rows.max())
+    i_dev = i_rows.to(x.device)
+    calls = [0]
+
+    def f(z, idx=None):
+        t = calls[0]  # 0: the solver's start f(z0); t >= 1: iteration t
+        calls[0] += 1
+        if t == 0:
+            return ctx.f(z, idx)
+        it = i_dev if idx is None else i_dev.index_select(0, idx)
+        need = it > t if skip_last_f else it >= t
+        if bool(need.all()):
+            out = ctx.f(z, idx)
+        else:
+            out = z.clone()
+            if bool(need.any()):
+                sub = need.nonzero().flatten()
+                out[sub] = ctx.f(z.index_select(0, sub),
+                                 sub if idx is None else idx.index_select(0, sub))
+        done = it <= t
+        return torch.where(done[:, None], z, out) if bool(done.any()) else out
+
+    traj = model.solver.with_options(max_iter=n_max, keep_graph=False).solve(
+        f, model.zero_state(x))
+    z = traj.state(n_max).clone()
+    for t in torch.unique(i_rows).tolist():
+        if t != n_max:
+            rows = (i_dev == t).nonzero().flatten()
+            z[rows] = traj.state(t).index_select(0, rows)
+    return z.detach()
+
+
 class StackedUnrolled(GradientSource):
-    """Eq. (11) for a stack of grid settings that share i, one row per (setting, example):
-    ONE no-grad solve to z[i] for all rows, then the unroll with a per-row ``ka`` (LongTensor
+    """Eq. (11) for a stack of grid settings, one row per (setting, example): ONE no-grad solve
+    to z[i] for all rows (``i`` an int, or a LongTensor (R,) of per-row i: see
+    :func:`_solve_to_rows`), then the unroll with a per-row ``ka`` (LongTensor
     (R,)) and ``lam`` (float tensor (R,)) -- a row stops unrolling after its own ka steps (the
     rows still unrolling are an index subset; f is evaluated only on them). Row r's logits equal
     ``UnrolledIntermediate(i, ka[r], lam[r], preset).logits`` on that row alone (up to the last
@@ -113,9 +154,15 @@ class StackedUnrolled(GradientSource):
     each row in that call, so callers can attribute the cost per setting."""
     name = "stacked_unrolled"
 
-    def __init__(self, i: int, ka: Tensor, lam: Tensor, preset: str = "reference",
+    def __init__(self, i, ka: Tensor, lam: Tensor, preset: str = "reference",
                  skip_last_f: bool = False):
-        if not isinstance(i, int) or i < 1:
+        if torch.is_tensor(i):  # per-row i: one solve, each row leaves at its own z[i]
+            i = i.detach().cpu().long().flatten()
+            if len(i) != len(torch.as_tensor(ka).flatten()) or (len(i) and int(i.min()) < 1):
+                raise ValueError("per-row i needs one integer >= 1 per row")
+            if len(i) and int(i.min()) == int(i.max()):
+                i = int(i[0])
+        elif not isinstance(i, int) or i < 1:
             raise ValueError(f"i must be an integer >= 1, got {i!r}")
         if preset not in ("reference", "paper"):
             raise ValueError(f"preset must be 'reference' or 'paper', got {preset!r}")
@@ -130,19 +177,21 @@ class StackedUnrolled(GradientSource):
         self.last_counts = None
 
     def config(self):
-        return {"name": self.name, "i": self.i, "ka": self.ka.tolist(),
-                "lam": self.lam.tolist(), "preset": self.preset}
+        return {"name": self.name, "i": self.i if isinstance(self.i, int) else self.i.tolist(),
+                "ka": self.ka.tolist(), "lam": self.lam.tolist(), "preset": self.preset}
 
     def check(self, model):
-        if self.i > model.solver.max_iter:
-            raise ValueError(f"i={self.i} exceeds the solver's N={model.solver.max_iter}")
+        top = self.i if isinstance(self.i, int) else int(self.i.max()) if len(self.i) else 1
+        if top > model.solver.max_iter:
+            raise ValueError(f"i={top} exceeds the solver's N={model.solver.max_iter}")
 
     def logits(self, model, x):
         self.check(model)
         if len(x) != len(self.ka):
             raise ValueError(f"{len(self.ka)} (ka, lam) rows for a batch of {len(x)}")
         ctx = model.context(x)
-        z = _solve_to(model, ctx, x, self.i, self.skip_last_f)
+        z = (_solve_to(model, ctx, x, self.i, self.skip_last_f) if isinstance(self.i, int)
+             else _solve_to_rows(model, ctx, x, self.i, self.skip_last_f))
         ka = self.ka.to(x.device)
         # per-row lam as a column in the state's dtype: the same float32 products as the
         # scalar lam of UnrolledIntermediate (0.5 and 1 are exact; 1 - lam computed in float64)

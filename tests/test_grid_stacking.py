@@ -60,11 +60,12 @@ def _assert_same(a, b):
         assert torch.allclose(getattr(a.worst, f), getattr(b.worst, f), rtol=1e-12, atol=0), f
 
 
-@pytest.mark.parametrize("mode", ["full", "naive"])
-def test_stacked_grid_equals_per_setting_loop(setup, mode):
+@pytest.mark.parametrize("mode,stack", [("full", True), ("naive", True), ("full", "all"),
+                                        ("naive", "all")])
+def test_stacked_grid_equals_per_setting_loop(setup, mode, stack):
     model, x, y, settings = setup
     old = _run(setup, mode, stack=False)
-    new = _run(setup, mode, stack=True)
+    new = _run(setup, mode, stack=stack)
     assert new.stacked and not old.stacked
     _assert_same(old, new)
     # the comparison is not vacuous: some points broken, some robust; some settings break a
@@ -131,3 +132,29 @@ def test_stacked_unrolled_rows_equal_single_settings(setup):
         src.logits(model, xb)
     with pytest.raises(ValueError, match="ka"):
         StackedUnrolled(2, torch.tensor([0]), torch.tensor([0.5]))
+
+
+def test_stacked_unrolled_per_row_i_equals_single_settings(setup):
+    model, x, y, _ = setup
+    xb = x[:3]
+    specs = [(3, 1, 0.5), (1, 2, 1.0), (2, 1, 0.5), (3, 3, 1.0)]  # (i, ka, lam)
+    R = len(xb)
+    xs = xb.repeat(len(specs), 1, 1, 1)
+    col = lambda k, dt=torch.long: torch.tensor([s[k] for s in specs], dtype=dt)  # noqa: E731
+    for skip in (False, True):
+        src = StackedUnrolled(col(0).repeat_interleave(R), col(1).repeat_interleave(R),
+                              col(2, torch.float64).repeat_interleave(R), skip_last_f=skip)
+        with torch.no_grad():
+            out = src.logits(model, xs)
+            nograd, _ = src.last_counts
+            for j, (i, k, l) in enumerate(specs):
+                one = StackedUnrolled(i, torch.full((R,), k), torch.full((R,), l),
+                                      skip_last_f=skip)
+                ref = one.logits(model, xb)
+                rows = slice(j * R, (j + 1) * R)
+                assert torch.allclose(out[rows], ref, atol=1e-5, rtol=0), (i, k, l)
+                # each row costs exactly what a solve to its own i costs
+                assert torch.equal(nograd[rows], one.last_counts[0]), (i, k, l, skip)
+        with pytest.raises(ValueError, match="exceeds"):
+            StackedUnrolled(torch.tensor([1, 99]), torch.tensor([1, 1]),
+                            torch.tensor([0.5, 0.5])).logits(model, x[:2])
