@@ -291,6 +291,7 @@ def step_bench_forward(ctx) -> dict:
                  "traceback": traceback.format_exc()[-2000:]}
             errors.append(f"{prec}: {p['error']}")
         out[prec] = p
+        ctx["partial"]({"model": s["model"], "input_shape": [3, 32, 32], **out})
     return {"result": {"model": s["model"], "input_shape": [3, 32, 32], **out},
             "error": "; ".join(errors) or None}
 
@@ -332,6 +333,8 @@ def step_bench_train(ctx) -> dict:
             out[prec] = {"error": _one_line(f"{type(e).__name__}: {e}"),
                          "traceback": traceback.format_exc()[-2000:]}
             errors.append(f"{prec}: {out[prec]['error']}")
+        ctx["partial"]({"model": s["model"], "batch_size": s["batch"],
+                        "pgd_steps": s["train_attack_steps"], **out})
     return {"result": {"model": s["model"], "batch_size": s["batch"],
                        "pgd_steps": s["train_attack_steps"], **out},
             "error": "; ".join(errors) or None}
@@ -479,10 +482,28 @@ STEP_FUNCS = {"bench_forward": step_bench_forward, "bench_train": step_bench_tra
               "protocol": step_protocol, "nccl": step_nccl}
 
 
+def _write_atomic(path, obj) -> None:
+    """Write JSON so that a reader (or a kill mid-write) never sees half a file."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(obj, default=str))
+    os.replace(tmp, path)
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def step_worker(name: str, mode: str, device: str, work: str, out: str, limit_s: float) -> int:
     """Run one step in this process and write ``{"status", "result", "error"}`` to ``out``."""
+    def partial(result):
+        # what is done so far, kept if the step later runs past its limit
+        _write_atomic(out, {"status": "partial", "result": result, "error": None})
+
     ctx = {"mode": mode, "device": device, "work": Path(work), "sizes": SIZES[mode],
-           "limit_s": limit_s}
+           "limit_s": limit_s, "partial": partial}
     try:
         r = STEP_FUNCS[name](ctx)
         if r.get("skipped"):
@@ -494,7 +515,7 @@ def step_worker(name: str, mode: str, device: str, work: str, out: str, limit_s:
     except Exception as e:
         rec = {"status": "error", "result": None, "error": _one_line(f"{type(e).__name__}: {e}"),
                "traceback": traceback.format_exc()[-3000:]}
-    Path(out).write_text(json.dumps(rec, default=str))
+    _write_atomic(out, rec)
     return 0
 
 
@@ -548,11 +569,19 @@ def _run_step(name: str, mode: str, device: str, work: Path, limit: float) -> di
         with open(log, "w") as f:
             p = run_bounded(cmd, limit, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
     except subprocess.TimeoutExpired:
-        return {"status": "timeout", "result": None, "error": f"ran past its limit of {limit:.0f} s",
+        done = (_read_json(out) or {}).get("result")
+        return {"status": "timeout", "result": done,
+                "error": f"ran past its limit of {limit:.0f} s"
+                         + (" (the parts done are in result)" if done else ""),
                 "log_tail": log.read_text(errors="replace")[-2000:] if log.is_file() else None}
-    if out.is_file():
-        return json.loads(out.read_text())
-    tail = log.read_text(errors="replace")[-2000:]
+    tail = log.read_text(errors="replace")[-2000:] if log.is_file() else ""
+    rec = _read_json(out)
+    if rec is not None:
+        if rec.get("status") != "partial":
+            return rec
+        return {"status": "error", "result": rec["result"], "log_tail": tail,
+                "error": _one_line(f"worker exit code {p.returncode} (crashed) after partial "
+                                   f"results: {_last_error(tail)}")}
     return {"status": "error", "result": None, "log_tail": tail,
             "error": _one_line(f"worker exit code {p.returncode} (crashed): {_last_error(tail)}")}
 
@@ -593,7 +622,7 @@ def run_check(mode: str = "full", device: str = "auto", out=None, budget_s=None,
             else:
                 rec = _run_step(name, mode, device, work, limit)
             rec["time_s"] = round(time.perf_counter() - t0, 2)
-            rec["limit_s"] = round(limit, 1)
+            rec["limit_s"] = round(max(limit, 0.0), 1)
             report["steps"][name] = rec
             print(f"[gpu-check] {name}: {rec['status']} in {rec['time_s']:.1f} s"
                   + (f" -- {rec['error']}" if rec.get("error") else "")

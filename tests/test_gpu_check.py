@@ -141,6 +141,17 @@ def test_a_failing_step_is_recorded_and_the_check_goes_on(tmp_path, monkeypatch)
     assert saved["steps"]["protocol"]["status"] == "ok" and saved["ok"] is False == r["ok"]
 
 
+def test_a_step_past_its_limit_is_killed_and_keeps_its_partial_result(tmp_path):
+    """The step's subprocess (here the full-size forward bench on the CPU, far slower than
+    3 s) is killed at its limit; what it had written as done so far is kept."""
+    done = {"fp32": {"plain_samples_per_s": 1.0, "error": None}}
+    (tmp_path / "step_bench_forward.json").write_text(
+        json.dumps({"status": "partial", "result": done, "error": None}))
+    rec = gpu_check._run_step("bench_forward", "full", "cpu", tmp_path, 3)
+    assert rec["status"] == "timeout" and rec["result"] == done
+    assert rec["error"] == "ran past its limit of 3 s (the parts done are in result)"
+
+
 def test_step_worker_turns_an_exception_into_a_record(tmp_path, monkeypatch):
     def boom(ctx):
         raise ValueError("bad\nthing")
