@@ -299,19 +299,27 @@ def resolve_workers(workers, cfg: RunConfig, world: int = 1):
     return n, max(1, cores // n)
 
 
-def _unit_deps(todo):
+def _unit_deps(todo, cfg=None):
     """For each unit of ``todo`` (plan order), the indices of the units it waits for: the units
     of the same shard and model with a lower attack ``order`` (an attack may read the records
     of an earlier attack of its model: top_settings and adaptive read the grid's); an attack
     with ``reads_all_models`` (transfer: the sources' strongest grid settings) waits for every
-    lower-order unit of its shard."""
+    lower-order unit of its shard; one whose ``first_shard_first`` (the pruned grid) waits
+    for its entry's unit on the first shard of the plan."""
     deps = []
-    for j, (m, _d, attack, lo, hi) in enumerate(todo):
+    first = min((t[3] for t in todo), default=0)
+    for j, (m, d, attack, lo, hi) in enumerate(todo):
         spec = get_attack(attack)
         wide = getattr(spec, "reads_all_models", False)
-        deps.append({k for k, (m2, _d2, a2, lo2, _h2) in enumerate(todo[:j])
-                     if lo2 == lo and get_attack(a2).order < spec.order
-                     and (wide or m2.key == m.key)})
+        dep = {k for k, (m2, _d2, a2, lo2, _h2) in enumerate(todo[:j])
+               if lo2 == lo and get_attack(a2).order < spec.order
+               and (wide or m2.key == m.key)}
+        opts = cfg.attacks.get(attack, {}) if cfg is not None else {}
+        if lo != first and spec.first_shard_first(opts):
+            dep |= {k for k, (m2, d2, a2, lo2, _h2) in enumerate(todo[:j])
+                    if lo2 == first and a2 == attack and m2.key == m.key
+                    and defense_key(d2) == defense_key(d)}
+        deps.append(dep)
     return deps
 
 
@@ -347,7 +355,7 @@ def _run_parallel(cfg, path, todo, n_workers, threads, rank, bar):
     import multiprocessing as mp
     import queue as _queue
     ctx = mp.get_context("spawn")  # fork after torch's thread pools were created is unsafe
-    deps = _unit_deps(todo)
+    deps = _unit_deps(todo, cfg)
     pinned = [bool(getattr(get_attack(t[2]), "pinned", False)) for t in todo]
     results = ctx.Queue()
     task_qs = [ctx.Queue() for _ in range(n_workers)]

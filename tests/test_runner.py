@@ -973,6 +973,10 @@ def test_workers_argument_and_dependencies(checkpoints, tmp_path, monkeypatch):
     assert deps[2] == {0} and deps[3] == set()          # its model's earlier units, same shard
     assert deps[4] == {0, 2}                             # top_settings reads the grid
     assert deps[5] == {0, 1, 2, 4}                       # transfer reads every model's grid
+    # the pruned grid's later shards wait for the first one (its calibration is reused)
+    pruned = from_dict({**_raw(checkpoints, tmp_path), "attacks": {
+        "grid": {"steps": 2, "kas": [1], "lams": [1.0], "mode": "pruned", "calibration": 2}}})
+    assert _unit_deps(todo, pruned)[3] == {2} and _unit_deps(todo, cfg)[3] == set()
 
 
 def test_cli_workers_flag_errors(tmp_path):

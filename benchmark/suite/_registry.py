@@ -130,6 +130,11 @@ class ProtocolAttack:
         names, ``steps``, ``alpha``, surrogates, flags, ranges); raise with :func:`config_error`.
         ``cfg`` is the partly built RunConfig (models known), ``attacks`` the raw section."""
 
+    def first_shard_first(self, opts: dict) -> bool:
+        """True: a parallel run starts this attack's later shards of an entry only after its
+        first shard (which stores something the others reuse: the pruned grid's calibration)."""
+        return False
+
     def applicable(self, model, defense, opts: dict) -> bool:
         """False: the unit is committed as skipped (no records)."""
         return True

@@ -57,6 +57,9 @@ class Grid(ProtocolAttack):
                "on_test_time_defenses": False, "calibration": 32, "audit": 16}
     order = 20
 
+    def first_shard_first(self, opts):
+        return opts.get("mode") == "pruned"   # the calibration is made on the first shard
+
     def check(self, opts, cfg, attacks):
         if opts.get("mode", "efficient") not in MODES:
             config_error("attacks.grid.mode",
