@@ -73,6 +73,103 @@ def undefended_all(model, x, y, eps, alpha, seed, bs):
     return res, strongest
 
 
+#: the order the ensemble runs its members in (attacks.adaptive: variants, then attacks)
+_MEMBER_ORDER = ("transfer:pgd", "transfer:apgd-ce", "transfer:apgd-t", "through:apgd-ce",
+                 "through:apgd-t", "cheap:apgd-ce", "cheap:apgd-t", "objectives:apgd-dlr",
+                 "objectives:apgd-t-ce", "square")
+
+
+def _member_rank(name: str) -> int:
+    for k, pre in enumerate(_MEMBER_ORDER):
+        if name == pre or name.startswith(pre + "@"):
+            return k
+    return len(_MEMBER_ORDER)
+
+
+def run_table(run) -> dict:
+    """The section-5 table from a finished ``deqbench evaluate`` run (e.g.
+    configs/eval/fmnist_adaptive_n200.yaml): per model with a plain entry and a Sec. 3.2 entry
+    on the same examples, the undefended entry's ALL, the defended entry's clean accuracy, its
+    robust accuracy after each adaptive member in the ensemble's order (cumulative: a member
+    attacks only the points every earlier one left robust) and its worst case (its ALL over
+    every attack run on it), each with a 95% Clopper-Pearson interval, and the paired
+    comparison (exact McNemar, Newcombe interval) of the defended worst case against the
+    undefended ALL."""
+    from pathlib import Path
+
+    from benchmark.report.outcomes import entry_outcomes
+    from benchmark.results_db import ResultsDB
+    path = Path(run)
+    path = path / "results.sqlite" if path.is_dir() else path
+    with ResultsDB(path, create=False) as db:
+        df = db.records_frame()
+        units = db.units_frame()
+    out = {"run": str(path), "models": {}}
+    for mk, g in df.groupby("model", sort=False):
+        defs = list(dict.fromkeys(g.defense))
+        plain = [d for d in defs if not d.startswith("entropy_reduction")
+                 and not d.startswith("{")]
+        tt = [d for d in defs if d not in plain]
+        if "final" not in plain or not tt:
+            continue
+        und = entry_outcomes(g[g.defense == "final"])
+        for dk in tt:
+            gd = g[g.defense == dk]
+            dout = entry_outcomes(gd)
+            idx = und.index.intersection(dout.index)
+            u_all = und.ALL.reindex(idx)
+            clean_d = dout.clean.reindex(idx)
+            ad = gd[gd.attack == "adaptive"]
+            members = sorted(set(ad.setting) - {"worst"}, key=lambda n: (_member_rank(n), n))
+            robust = clean_d.copy()
+            rows = []
+            for mname in members:
+                broke = ad[(ad.setting == mname) & (ad.correct == 0)].example.unique()
+                robust[robust.index.isin(broke)] = 0
+                rows.append({"member": mname, "after": _acc(torch.tensor(robust.to_numpy()) > 0),
+                             "attacked": int((ad.setting == mname).sum())})
+            worst = dout.ALL.reindex(idx)
+            wall = units[(units.model == mk) & (units.defense == dk)].groupby("attack").wall_s.sum()
+            out["models"][f"{mk}@{dk}"] = {
+                "n": len(idx), "undefended_clean": _acc(torch.tensor(und.clean.reindex(idx).to_numpy()) > 0),
+                "undefended_ALL": _acc(torch.tensor(u_all.to_numpy()) > 0),
+                "clean": _acc(torch.tensor(clean_d.to_numpy()) > 0),
+                "cumulative": rows,
+                "adaptive_worst": _acc(torch.tensor(
+                    dout.get("adaptive", clean_d).reindex(idx).to_numpy()) > 0),
+                "ALL": _acc(torch.tensor(worst.to_numpy()) > 0),
+                "attacks_run": sorted(set(gd.attack)),
+                "paired_ALL_vs_undefended_ALL": paired_comparison(
+                    worst.tolist(), u_all.tolist()).to_dict(),
+                "paired_words": paired_comparison(worst.tolist(), u_all.tolist()).words(
+                    "Sec. 3.2", "undefended"),
+                "unit_wall_s": {k: float(v) for k, v in wall.items()}}
+    return out
+
+
+def format_run_table(res: dict) -> str:
+    def f(a):
+        return f"{100 * a['acc']:.1f} [{100 * a['ci95'][0]:.1f}, {100 * a['ci95'][1]:.1f}]"
+    lines = []
+    for entry, e in res["models"].items():
+        lines.append(f"### {entry} (n = {e['n']})")
+        lines.append("")
+        lines.append("| | robust accuracy % [95% CI] | points attacked |")
+        lines.append("|---|---|---:|")
+        lines.append(f"| undefended (final state): clean | {f(e['undefended_clean'])} | |")
+        lines.append(f"| undefended: ALL of its protocol | {f(e['undefended_ALL'])} | |")
+        lines.append(f"| Sec. 3.2: clean | {f(e['clean'])} | |")
+        for r in e["cumulative"]:
+            lines.append(f"| Sec. 3.2: after + {r['member']} | {f(r['after'])} | {r['attacked']} |")
+        lines.append(f"| Sec. 3.2: adaptive worst case | {f(e['adaptive_worst'])} | |")
+        lines.append(f"| Sec. 3.2: ALL ({', '.join(a for a in e['attacks_run'] if a != 'clean')}) "
+                     f"| {f(e['ALL'])} | |")
+        lines.append("")
+        lines.append(f"Paired: {e['paired_words']}.")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=16)
@@ -84,7 +181,15 @@ def main(argv=None):
     ap.add_argument("--ensemble", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="adaptive_measurement.json")
+    ap.add_argument("--run", default=None, help="instead of attacking: the table of a finished "
+                    "run folder (configs/eval/fmnist_adaptive_n200.yaml)")
     a = ap.parse_args(argv)
+    if a.run:
+        res = run_table(a.run)
+        print(format_run_table(res))
+        with open(a.out, "w") as fh:
+            json.dump(res, fh, indent=1)
+        return
     torch.manual_seed(a.seed)
     ds = subset(load_dataset("fashion_mnist", "test"), a.n, seed=0)
     x, y = ds.images, ds.labels
