@@ -188,6 +188,32 @@ def test_full_mode_limits_fit_the_eight_minute_loan():
     assert (s["tf"], s["r"]) == (2, 10)   # the paper's Sec. 3.2 setting (Table 10)
 
 
+def test_bench_train_reports_samples_per_s_and_the_median_round_speedup():
+    """bench_train (Sec. 3.3 speed-up, goal 4): samples/s per variant; the speed-up as the
+    median of the per-round time ratios and as the ratio of totals; the exact f-eval ratio; a
+    variant without its baseline gets None; bf16 autocast runs and is labelled."""
+    from benchmark.bench_train import _median, bench_train
+    cfg = gpu_check._train_config(gpu_check.SIZES["tiny"])
+    rows = bench_train(cfg, rounds=3, batch_size=2, device="cpu", progress=False,
+                       variants=[("pgd_at", None), ("pgd_at", "reference")])
+    base, fast = rows
+    assert len(base["round_s"]) == len(fast["round_s"]) == 3
+    assert base["samples_per_s"] == pytest.approx(6 / sum(base["round_s"]))
+    assert fast["speedup_median"] == pytest.approx(
+        _median([b / f for b, f in zip(base["round_s"], fast["round_s"])]))
+    assert fast["speedup_vs_base"] == pytest.approx(fast["samples_per_s"] / base["samples_per_s"])
+    assert fast["f_ratio_vs_base"] == pytest.approx(base["f_evals_per_sample"]
+                                                    / fast["f_evals_per_sample"])
+    assert base["speedup_median"] == 1.0 and fast["f_ratio_vs_base"] >= 1.0
+    lone = bench_train(cfg, rounds=1, batch_size=2, device="cpu", progress=False,
+                       variants=[("pgd_at", "reference")], autocast="bf16")
+    assert lone[0]["autocast"] == "bf16" and lone[0]["loss_finite"]
+    assert lone[0]["speedup_vs_base"] is None and lone[0]["speedup_median"] is None
+    with pytest.raises(ValueError, match="autocast must be one of"):
+        bench_train(cfg, rounds=1, batch_size=2, autocast="fp8")
+    assert _median([3, 1, 2]) == 2 and _median([4, 1, 2, 3]) == 2.5
+
+
 def test_synthetic_cifar_batch_goes_through_the_real_loader(tmp_path, monkeypatch):
     from benchmark.data import load_dataset
     monkeypatch.setattr(gpu_check, "_cifar10_root", lambda: None)
