@@ -119,6 +119,10 @@ def evaluate(cfg: RunConfig, progress: bool = True, rank: Optional[int] = None,
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
     dist = world > 1 and torch.distributed.is_available() and "MASTER_ADDR" in os.environ
+    if world > 1 and str(cfg.device) in ("cuda", "cuda:0") and "LOCAL_RANK" in os.environ \
+            and torch.cuda.device_count() > 1:
+        # torchrun: one GPU per local rank (as `deqbench train` does), not every rank on cuda:0
+        cfg.device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
     if dist and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo")
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
