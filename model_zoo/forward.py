@@ -18,6 +18,7 @@ logits, prediction entropies H(z[t]) (Eq. 6), residuals and per-sample f-eval co
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -30,7 +31,8 @@ from .solvers import Broyden, Trajectory, lift_memory
 
 __all__ = ["ForwardRecord", "FinalState", "EarlyState", "EntropyReduction", "SegmentedSolve",
            "RandomIntermediate", "implicit_step", "IMPLICIT_PRESETS", "unroll",
-           "prediction_entropy", "make_defense", "DEFENSES"]
+           "prediction_entropy", "make_defense", "DEFENSES", "KERNEL_LEVERS",
+           "INEXACT_LEVERS", "legacy_kernels"]
 
 
 def prediction_entropy(logits: Tensor) -> Tensor:
@@ -302,7 +304,7 @@ class _SegmentedDynamics(_Forward):
         if self.unroll_input not in ("original", "purified"):
             raise ValueError(f"unroll_input must be 'original' or 'purified', got {unroll_input!r}")
 
-    def _update_input(self, model, x0, x_cur, z, ctx, seg):
+    def _update_input(self, model, x0, x_cur, z, ctx, seg, f_of_inj=None):
         return x_cur
 
     def r_updates(self) -> int:
@@ -342,14 +344,24 @@ class _SegmentedDynamics(_Forward):
             if seg == nseg - 1:
                 break  # the reference's R-loop after the last segment changes nothing reported
             update_states.append(z)
-            x_new = self._update_input(model, x, x_cur, z, ctx, seg)
+            f_of_inj = None
+            if ("lift" in getattr(self, "levers", ()) and self.r_updates() > 0
+                    and _is_mdeq(model)):
+                with torch.no_grad():  # shared by the updates and the lift
+                    f_of_inj = model.cell.with_fixed_state(model.unflatten(z.detach()),
+                                                           ctx.masks)
+            x_new = self._update_input(model, x, x_cur, z, ctx, seg, f_of_inj)
             if x_new is not x_cur:
                 # The lift needs g at z under the old input: memory.gx is g at the LAST iterate,
                 # which is what the reference subtracts (z is the lowest of the segment).
                 x_cur = x_new
                 ctx.set_input(x_cur)
             with torch.no_grad():
-                gx0 = ctx.f(z) - z  # g_new(z): the lift's f-eval doubles as the segment start
+                if f_of_inj is not None:  # = ctx.f(z) bitwise, without redoing the block convs
+                    ctx.counter.add(None, False)
+                    gx0 = model.flatten(f_of_inj(ctx.inj)) - z
+                else:
+                    gx0 = ctx.f(z) - z  # g_new(z): the lift's f-eval doubles as segment start
             memory = lift_memory(memory, gx0, memory.gx)
         # update_states[k]: the state the k-th input update held fixed (for the differentiable
         # replay of attacks.adaptive.ThroughDefense)
@@ -442,13 +454,19 @@ class EntropyReduction(_SegmentedDynamics):
     name = "entropy_reduction"
 
     def __init__(self, beta: float = 2 / 255, r: int = 10, tf: int = 2, eps: float = 8 / 255,
-                 preset: str = "reference", readout=None, unroll_input: Optional[str] = None):
+                 preset: str = "reference", readout=None, unroll_input: Optional[str] = None,
+                 kernels="fast"):
         super().__init__(tf, preset, readout, unroll_input)
         if int(r) != r or r < 0:
             raise ValueError(f"R must be a non-negative integer, got {r!r}")
         if not beta > 0 or not eps >= 0:
             raise ValueError(f"beta must be > 0 and eps >= 0 (got beta={beta}, eps={eps})")
         self.beta, self.r, self.eps = float(beta), int(r), float(eps)
+        # A cost option, not part of the defense's identity (config() leaves it out): which
+        # kernel-level levers of issue 16 the input updates use ('fast': KERNEL_LEVERS,
+        # 'reference': none, the pre-issue-16 code; or a subset of KERNEL_LEVERS' names).
+        self.kernels = kernels
+        self.levers = _levers(kernels)
 
     def config(self):
         return {"name": self.name, "beta": self.beta, "r": self.r, "tf": self.tf, "eps": self.eps,
@@ -458,13 +476,16 @@ class EntropyReduction(_SegmentedDynamics):
     def r_updates(self):
         return self.r
 
-    def _update_input(self, model, x0, x_cur, z, ctx, seg):
+    def _update_input(self, model, x0, x_cur, z, ctx, seg, f_of_inj=None):
         if self.r == 0:
             return x_cur
         x0 = x0.detach()
         xc = x_cur.detach()
-        with torch.no_grad():  # z is fixed: the x-independent part of f is computed once
-            f_of_inj = model.cell.with_fixed_state(model.unflatten(z.detach()), ctx.masks)
+        if f_of_inj is None:
+            with torch.no_grad():  # z is fixed: the x-independent part of f is computed once
+                f_of_inj = model.cell.with_fixed_state(model.unflatten(z.detach()), ctx.masks)
+        if getattr(self, "levers", frozenset()) & _UPDATE_LEVERS and _is_mdeq(model):
+            return self._update_input_fast(model, x0, xc, ctx, f_of_inj)
         for _ in range(self.r):
             with torch.enable_grad():
                 xv = xc.clone().requires_grad_(True)
@@ -478,6 +499,138 @@ class EntropyReduction(_SegmentedDynamics):
             xc = xc - self.beta * step
             xc = torch.min(torch.max(xc, x0 - self.eps), x0 + self.eps).clamp_(0, 1)
         return xc
+
+    def _update_input_fast(self, model, x0, xc, ctx, f_of_inj):
+        """The same R steps as the loop above with the kernel levers of ``self.levers``
+        (MDEQClassifier only). The exact levers (KERNEL_LEVERS) leave every value bitwise
+        unchanged; the INEXACT_LEVERS change the input gradient in the last bits (other conv
+        kernels, another order of products), and the sign steps of the reference preset turn
+        the components within rounding of 0 into inputs that differ by beta."""
+        lv = self.levers
+        fmt = torch.channels_last if "channels_last" in lv else torch.contiguous_format
+        with _bn_as_affine(model if "bn_affine" in lv else None), \
+                _frozen_params(model if "frozen_params" in lv else None):
+            for _ in range(self.r):
+                with torch.enable_grad():
+                    xv = xc.detach().requires_grad_(True)
+                    ctx.counter.add(None, True)
+                    out = f_of_inj(model.inject(xv.contiguous(memory_format=fmt)))
+                    if "list_head" in lv:  # the head takes the branch list: no flat round trip
+                        logits = model.head([t.contiguous(memory_format=fmt) for t in out])
+                    else:
+                        logits = ctx.head(model.flatten(out))
+                    h = prediction_entropy(logits).sum()
+                    (g,) = torch.autograd.grad(h, xv)
+                step = g.sign() if self.preset == "reference" else g
+                xc = xc - self.beta * step
+                xc = torch.min(torch.max(xc, x0 - self.eps), x0 + self.eps).clamp_(0, 1)
+        return xc
+
+
+# Kernel-level levers of the Sec. 3.2 input updates (issue 16), each measured by
+# ``deqbench bench forward --compare-old`` (benchmark/bench_forward.py):
+#   list_head      the head reads f's branch list directly (no flatten + unflatten copies);
+#   channels_last  stem and head of the updates in channels-last layout (faster 1x1 convs);
+#   bn_affine      eval-mode BatchNorm as one addcmul with folded per-channel scale and shift
+#                  (the same map, values equal to ~1 ulp; a cheaper backward than native's);
+#   lift           the lift's f(z; x_new) after the updates reuses the fixed-state part of f
+#                  the updates computed (bitwise the same value; the block convs are not redone).
+#   frozen_params  the model's parameters do not require grad during the updates (only dH/dx
+#                  is taken): autograd records and saves less; bitwise the same gradient.
+# 'fast' (the default) = KERNEL_LEVERS, each bitwise the same numbers as the old code. The
+# INEXACT_LEVERS are off by default: their input gradients differ in the last bits, and the
+# sign steps of the reference preset turn that into different inputs (on 64 Fashion-MNIST
+# images at (Tf, R) = (2, 10): 152 and 378 pixels moved by beta, logits differing by up to
+# 1.5e-3), so they are NOT the same numbers; opt in with kernels=('list_head', ...).
+KERNEL_LEVERS = ("list_head", "frozen_params", "lift")
+INEXACT_LEVERS = ("channels_last", "bn_affine")
+_UPDATE_LEVERS = frozenset(("list_head", "frozen_params", "channels_last", "bn_affine"))
+
+
+def _levers(kernels) -> frozenset:
+    if kernels == "fast":
+        return frozenset(KERNEL_LEVERS)
+    if kernels == "reference":
+        return frozenset()
+    if isinstance(kernels, str):
+        kernels = [k for k in kernels.split(",") if k]
+    bad = sorted(set(kernels) - set(KERNEL_LEVERS) - set(INEXACT_LEVERS))
+    if bad:
+        raise ValueError(f"unknown kernel lever(s) {bad}; kernels must be 'fast', 'reference' or "
+                         f"a subset of {list(KERNEL_LEVERS + INEXACT_LEVERS)}")
+    out = frozenset(kernels)
+    if "channels_last" in out:  # the layout is applied to the head's branch inputs
+        out = out | {"list_head"}
+    return out
+
+
+def _is_mdeq(model) -> bool:
+    from .mdeq import MDEQClassifier
+    return isinstance(model, MDEQClassifier)
+
+
+@contextlib.contextmanager
+def _frozen_params(model):
+    """Within the block the parameters of ``model`` that required grad do not (restored on
+    exit, also after an error). ``None``: no change."""
+    if model is None:
+        yield
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+@contextlib.contextmanager
+def legacy_kernels():
+    """Within the block: Broyden copies its memory each step and MDEQ cells recompute constant
+    fusion terms (the pre-issue-16 kernels; with ``EntropyReduction(kernels='reference')``
+    the whole old Sec. 3.2 path), for A/B benchmarks in one process. Same numbers."""
+    from . import mdeq
+    from .solvers import legacy_broyden_memory
+    old = mdeq.CACHE_CONSTANT_FUSION
+    mdeq.CACHE_CONSTANT_FUSION = False
+    try:
+        with legacy_broyden_memory():
+            yield
+    finally:
+        mdeq.CACHE_CONSTANT_FUSION = old
+
+
+@contextlib.contextmanager
+def _bn_as_affine(model):
+    """Within the block every eval-mode BatchNorm2d of ``model`` computes
+    ``shift.addcmul(x, scale)`` with scale = weight / sqrt(running_var + eps) and
+    shift = bias - running_mean * scale: the per-channel affine map native batch norm applies in
+    eval mode (values equal to ~1 ulp, not bitwise: tests/test_forward_speed.py), with the
+    backward of a multiply instead of native batch norm's. ``None``: no change."""
+    if model is None:
+        yield
+        return
+    patched = []
+    try:
+        for mod in model.modules():
+            if (isinstance(mod, torch.nn.BatchNorm2d) and not mod.training
+                    and mod.running_mean is not None and "forward" not in mod.__dict__):
+                with torch.no_grad():
+                    scale = torch.rsqrt(mod.running_var + mod.eps)
+                    if mod.weight is not None:
+                        scale = scale * mod.weight
+                    shift = -mod.running_mean * scale
+                    if mod.bias is not None:
+                        shift = mod.bias + shift
+                sc, sh = scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)
+                mod.forward = (lambda sc, sh: lambda inp: sh.addcmul(inp, sc))(sc, sh)
+                patched.append(mod)
+        yield
+    finally:
+        for mod in patched:
+            del mod.forward
 
 
 class RandomIntermediate(_Forward):

@@ -159,6 +159,11 @@ class Upsample(nn.Module):
         return F.interpolate(self.gn(self.conv(x)), size=size, mode="nearest")
 
 
+# with_fixed_state precomputes the fusion terms of constant branches (bitwise the same values;
+# False: recompute them at every call, the pre-issue-16 behaviour, for A/B benchmarks).
+CACHE_CONSTANT_FUSION = True
+
+
 class MDEQCell(nn.Module):
     """f_theta(z; x): branch blocks, multi-resolution fusion, post-fuse conv + GN (spec 1.3)."""
 
@@ -196,22 +201,30 @@ class MDEQCell(nn.Module):
                for i, blk in enumerate(self.blocks)]
         const = [None if i == 0 else blk.post(pre[i], z[i], None)
                  for i, blk in enumerate(self.blocks)]
+        # The fusion terms from a constant branch j into branch i are constant too (issue 16:
+        # the upsampling of branch 1 into branch 0 was redone at every entropy step).
+        fused = {(i, j): self._fuse_term(i, j, const[j], pre[i].shape[-2:])
+                 for i in range(len(const)) for j in range(len(const))
+                 if i != j and const[j] is not None} if CACHE_CONSTANT_FUSION else None
 
         def g(inj: list) -> list:
             b = [blk.post(pre[i], z[i], inj[i]) if inj[i] is not None or const[i] is None
                  else const[i] for i, blk in enumerate(self.blocks)]
-            return self._fuse(b)
+            return self._fuse(b, fused)
         return g
 
-    def _fuse(self, b: list) -> list:
+    def _fuse_term(self, i: int, j: int, bj: Tensor, size) -> Tensor:
+        return self.fuse[i][j](bj, size) if j > i else self.fuse[i][j](bj)
+
+    def _fuse(self, b: list, fused: Optional[dict] = None) -> list:
+        """``fused``: precomputed fusion terms {(i, j): term} (the same values)."""
         out = []
         for i in range(len(b)):
             s = b[i]
             for j in range(len(b)):
-                if j > i:
-                    s = s + self.fuse[i][j](b[j], b[i].shape[-2:])
-                elif j < i:
-                    s = s + self.fuse[i][j](b[j])
+                if j != i:
+                    t = fused.get((i, j)) if fused else None
+                    s = s + (t if t is not None else self._fuse_term(i, j, b[j], b[i].shape[-2:]))
             out.append(self.post_gn[i](self.post[i](F.relu(s))))
         return out
 

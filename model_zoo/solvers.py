@@ -27,6 +27,7 @@ Conventions
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
@@ -35,11 +36,27 @@ from torch import Tensor
 
 __all__ = [
     "Trajectory", "BroydenMemory", "Solver", "Broyden", "FixedPoint", "Anderson",
-    "make_solver", "SOLVERS",
+    "make_solver", "SOLVERS", "legacy_broyden_memory",
 ]
 
 F = Callable[[Tensor, Optional[Tensor]], Tensor]
 _TINY = 1e-9
+
+# Broyden writes its low-rank memory in place (no autograd graph only); False restores the
+# copy-per-step version, kept so that benchmarks can compare both in one process
+# (``with legacy_broyden_memory(): ...``). Both give bitwise the same iterates.
+INPLACE_MEMORY = True
+
+
+@contextlib.contextmanager
+def legacy_broyden_memory():
+    """Within the block, Broyden copies U, VT at every step (the pre-issue-16 code path)."""
+    global INPLACE_MEMORY
+    old, INPLACE_MEMORY = INPLACE_MEMORY, False
+    try:
+        yield
+    finally:
+        INPLACE_MEMORY = old
 
 
 @dataclass
@@ -383,12 +400,27 @@ class Broyden(Solver):
         part = min(total - 1, M)
         u, vT = _rank1(U[:, :, :part], VT[:, :part], dx, dg)
         col = (total - 1) % M
-        U = U.clone()
-        VT = VT.clone()
+        # In place (issue 16): the buffers of _start belong to this solve, so the new column is
+        # written into them instead of copying all of U, VT (B x D x M each) every step, and for
+        # a subset of samples only their column is scattered back. Same values in the same
+        # layout: the iterates are bitwise those of the copying version (tests/
+        # test_forward_speed.py). Under autograd (keep_graph) the copies stay: earlier matvecs
+        # saved U, VT for the backward.
+        inplace = INPLACE_MEMORY and not torch.is_grad_enabled()
+        if not inplace:
+            U = U.clone()
+            VT = VT.clone()
         U[:, :, col] = u
         VT[:, col] = vT
         update = -_matvec(U[:, :, :min(total, M)], VT[:, :min(total, M)], gx_new)
-        for key, val in (("z", z_new), ("gx", gx_new), ("U", U), ("VT", VT), ("update", update),
+        if inplace:
+            if idx is not None:  # U, VT are index_select copies: write the column back
+                st["U"][idx, :, col] = u
+                st["VT"][idx, col] = vT
+            pairs = ()
+        else:
+            pairs = (("U", U), ("VT", VT))
+        for key, val in (("z", z_new), ("gx", gx_new), *pairs, ("update", update),
                          ("k", k), ("dx", dx), ("dg", dg)):
             st[key] = _put(st[key], idx, val)
 

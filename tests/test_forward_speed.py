@@ -1,0 +1,177 @@
+"""Issue 16, goal 3: the faster Sec. 3.2 input updates and Broyden's in-place memory give the
+SAME numbers as the old code paths (tolerance: bitwise, torch.equal), with the same f_theta
+evaluation counts. The old paths stay reachable: ``EntropyReduction(kernels='reference')`` and
+``model_zoo.forward.legacy_kernels()`` (Broyden copying its memory, MDEQ cells recomputing
+constant fusion terms)."""
+import pytest
+import torch
+
+import model_zoo as mz
+from model_zoo import EntropyReduction, FinalState, RandomIntermediate
+from model_zoo.forward import (INEXACT_LEVERS, KERNEL_LEVERS, _bn_as_affine, _frozen_params,
+                               legacy_kernels, make_defense)
+from model_zoo.solvers import Broyden, legacy_broyden_memory
+
+
+@pytest.fixture(scope="module")
+def trades_and_images():
+    """The trained zoo model deq_tiny_fmnist_trades and 8 Fashion-MNIST test images."""
+    from benchmark.data import load_dataset, subset
+    model = mz.load("deq_tiny_fmnist_trades")
+    ds = subset(load_dataset("fashion_mnist", "test"), 8, seed=3)
+    return model, ds.images[:8], ds.labels[:8]
+
+
+def _run(model, x, defense, legacy):
+    model.f_evals.reset()
+    with torch.no_grad():
+        if legacy:
+            with legacy_kernels():
+                rec = model.run(x, defense=defense)
+        else:
+            rec = model.run(x, defense=defense)
+    return rec, model.f_evals.snapshot()
+
+
+@pytest.mark.parametrize("preset", ["reference", "paper"])
+def test_fast_sec32_equals_old_path_bitwise(trades_and_images, preset):
+    model, x, _ = trades_and_images
+    kw = dict(beta=0.1 / 4, r=10, tf=2, eps=0.1, preset=preset)
+    new, f_new = _run(model, x, EntropyReduction(**kw), legacy=False)
+    old, f_old = _run(model, x, EntropyReduction(**kw, kernels="reference"), legacy=True)
+    assert torch.equal(new.logits, old.logits)
+    assert torch.equal(new.x_used, old.x_used)
+    assert not torch.equal(new.x_used, x)  # the updates did move the input
+    for a, b in zip(new.trajectory.states, old.trajectory.states):
+        assert torch.equal(a, b)
+    # same algorithm, same f_theta evaluations, per sample and in the lifetime totals
+    assert f_new == f_old
+    assert torch.equal(new.nfev_nograd, old.nfev_nograd)
+    assert torch.equal(new.nfev_grad, old.nfev_grad)
+    if preset == "reference":
+        # N = 8, Tf = 2: f(z0) + 8 steps + 3 lifts + 10 unroll steps; 3 segments x R = 10
+        assert new.nfev_nograd.tolist() == [22] * 8
+        assert new.nfev_grad.tolist() == [30] * 8
+
+
+@pytest.mark.parametrize("lever", KERNEL_LEVERS)
+def test_each_exact_lever_alone_is_bitwise(trades_and_images, lever):
+    model, x, _ = trades_and_images
+    kw = dict(beta=0.025, r=3, tf=2, eps=0.1)
+    a, fa = _run(model, x, EntropyReduction(**kw, kernels=(lever,)), legacy=False)
+    b, fb = _run(model, x, EntropyReduction(**kw, kernels="reference"), legacy=True)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.x_used, b.x_used)
+    assert fa == fb
+
+
+def test_kernels_option_defaults_and_validation():
+    d = EntropyReduction()
+    assert d.levers == frozenset(KERNEL_LEVERS)
+    assert not d.levers & set(INEXACT_LEVERS)  # the inexact levers are opt-in only
+    assert "kernels" not in d.config()          # a cost option, not part of the identity
+    assert make_defense(d.config()).levers == frozenset(KERNEL_LEVERS)
+    assert EntropyReduction(kernels="reference").levers == frozenset()
+    assert EntropyReduction(kernels="channels_last").levers == {"channels_last", "list_head"}
+    with pytest.raises(ValueError, match="unknown kernel lever"):
+        EntropyReduction(kernels=("list_head", "warp_drive"))
+
+
+def test_frozen_params_and_bn_affine_restore_the_model(trades_and_images):
+    model, x, _ = trades_and_images
+    before = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="boom"):
+        with _frozen_params(model):
+            assert not any(p.requires_grad for p in model.parameters())
+            raise RuntimeError("boom")
+    assert [p.requires_grad for p in model.parameters()] == before
+    # eval BatchNorm as one addcmul (an INEXACT lever): the same map to float rounding (the
+    # head's logits within 1e-5, not bitwise), modules restored after
+    with torch.no_grad():
+        ctx = model.context(x)
+        z = model.solver.solve(ctx.f, model.zero_state(x)).best
+        ref = ctx.head(z)
+        with _bn_as_affine(model):
+            assert any("forward" in m.__dict__ for m in model.modules())
+            alt = ctx.head(z)
+    assert torch.allclose(ref, alt, rtol=0, atol=1e-5)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_fixed_state_fusion_cache_is_bitwise(trades_and_images):
+    model, x, _ = trades_and_images
+    from model_zoo import mdeq
+    with torch.no_grad():
+        ctx = model.context(x)
+        z = model.solver.solve(ctx.f, model.zero_state(x)).best
+        full = ctx.f(z)
+        cached = model.flatten(model.cell.with_fixed_state(model.unflatten(z), ctx.masks)(ctx.inj))
+        with legacy_kernels():
+            assert mdeq.CACHE_CONSTANT_FUSION is False
+            plain = model.flatten(model.cell.with_fixed_state(model.unflatten(z), ctx.masks)(ctx.inj))
+    assert mdeq.CACHE_CONSTANT_FUSION is True
+    assert torch.equal(full, cached) and torch.equal(full, plain)
+
+
+@pytest.mark.parametrize("kw", [{}, {"eps": 0.02}, {"eps": 0.02, "decisions": "batch"},
+                                {"max_iter": 10, "memory_size": 3}])
+def test_broyden_inplace_memory_iterates_bitwise(trades_and_images, kw):
+    model, x, _ = trades_and_images
+    ctx = model.context(x)
+    solver = model.solver.with_options(**kw)
+    a = solver.solve(ctx.f, model.zero_state(x))
+    with legacy_broyden_memory():
+        b = solver.solve(ctx.f, model.zero_state(x))
+    if "eps" in kw and kw.get("decisions") != "batch":
+        assert a.nstep.min() < a.nstep.max()  # some samples stopped: the subset path ran
+    assert len(a.states) == len(b.states)
+    for p, q in zip(a.states, b.states):
+        assert torch.equal(p, q)
+    assert torch.equal(a.best, b.best) and torch.equal(a.rel_trace, b.rel_trace)
+    assert torch.equal(a.memory.U, b.memory.U) and torch.equal(a.memory.VT, b.memory.VT)
+    assert torch.equal(a.nfev, b.nfev)
+
+
+@pytest.mark.parametrize("resume", ["continue", "reference"])
+def test_broyden_inplace_memory_resumed_bitwise(calibrated_tiny_model, resume):
+    m = calibrated_tiny_model
+    x = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    ctx = m.context(x)
+    s = Broyden(max_iter=2, memory_size=4, resume=resume, eps=0.0)
+
+    def chain():
+        z, mem, out = m.zero_state(x), None, []
+        for _ in range(3):
+            r = s.solve(ctx.f, z, memory=mem)
+            out += r.states
+            z, mem = r.states[-1], r.memory
+        return out
+    a = chain()
+    with legacy_broyden_memory():
+        b = chain()
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+def test_broyden_keeps_copies_under_autograd(calibrated_tiny_model):
+    """keep_graph=True (the paper preset of Sec. 3.3 training) must still backpropagate through
+    the solve: the in-place writes are only used without a graph."""
+    m = calibrated_tiny_model
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for legacy in (False, True):
+        torch.manual_seed(0)
+        xv = x.clone().requires_grad_(True)
+        d = RandomIntermediate(preset="paper")
+        if legacy:
+            with legacy_broyden_memory():
+                out = m.run(xv, defense=d).logits
+        else:
+            out = m.run(xv, defense=d).logits
+        grads.append(torch.autograd.grad(out.square().sum(), xv)[0])
+    assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
+
+
+def test_plain_forward_unchanged_by_inplace_memory(trades_and_images):
+    model, x, _ = trades_and_images
+    a, fa = _run(model, x, FinalState(), legacy=False)
+    b, fb = _run(model, x, FinalState(), legacy=True)
+    assert torch.equal(a.logits, b.logits) and fa == fb == {"nograd": 19 * 8, "grad": 0}
