@@ -10,7 +10,8 @@ settings sharing i stacked into one batch (``stack=True``), on the same images a
 ``full``: the paper's 144. ``--groups`` restricts to some i (each i-group is what one stack
 holds, so a subset of groups measures the full grid's per-group ratio in less time).
 ``--sides off,i,all``: the variants, the first the baseline (``off``: per-setting loop;
-``i``: stacks of settings sharing i; ``all``: stacks across i; ``+skip``: also skipping the
+``i``: stacks of settings sharing i (``stack='i'``); ``all``: stacks across i (the
+default ``stack=True``); ``+skip``: also skipping the
 solver's unused f(z[i])).
 
 Each round runs every side back to back (order rotated each round, so drift of the shared
@@ -39,9 +40,9 @@ from benchmark.data import load_dataset, subset
 
 
 # the compared variants (grid_attack options)
-SIDES = {"off": {"stack": False}, "i": {"stack": True}, "all": {"stack": "all"},
-         "i+skip": {"stack": True, "skip_last_f": True},
-         "all+skip": {"stack": "all", "skip_last_f": True}}
+SIDES = {"off": {"stack": False}, "i": {"stack": "i"}, "all": {"stack": True},
+         "i+skip": {"stack": "i", "skip_last_f": True},
+         "all+skip": {"stack": True, "skip_last_f": True}}
 
 
 def _settings(model, grid: str, groups):
@@ -70,7 +71,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--grid", choices=("demo", "full"), default="demo")
     ap.add_argument("--groups", default=None, help="comma-separated i values (default: all)")
     ap.add_argument("--mode", choices=("full", "naive"), default="full")
-    ap.add_argument("--sides", default="off,i",
+    ap.add_argument("--sides", default="off,i,all",
                     help="comma-separated variants, the first is the baseline A: " + ", ".join(SIDES))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)

@@ -1,4 +1,4 @@
-"""The (i, Ka, lambda) grid with settings stacked into one batch per i (grid_attack(stack=True))
+"""The (i, Ka, lambda) grid with settings stacked into batches (grid_attack(stack=True / 'i'))
 gives the same records as the per-setting loop (stack=False), on a shipped tiny DEQ.
 
 Tolerances: per-setting outcomes, worst-case correctness, broken_by and the f-eval counts per
@@ -60,8 +60,8 @@ def _assert_same(a, b):
         assert torch.allclose(getattr(a.worst, f), getattr(b.worst, f), rtol=1e-12, atol=0), f
 
 
-@pytest.mark.parametrize("mode,stack", [("full", True), ("naive", True), ("full", "all"),
-                                        ("naive", "all")])
+@pytest.mark.parametrize("mode,stack", [("full", "i"), ("naive", "i"), ("full", True),
+                                        ("naive", True)])
 def test_stacked_grid_equals_per_setting_loop(setup, mode, stack):
     model, x, y, settings = setup
     old = _run(setup, mode, stack=False)
@@ -86,7 +86,7 @@ def test_stacked_grid_equals_per_setting_loop(setup, mode, stack):
 def test_stack_rows_bound_does_not_change_records(setup):
     # one unit per stack (stack_rows smaller than a chunk) vs everything of an i in one stack
     _assert_same(_run(setup, "full", stack=True, stack_rows=1),
-                 _run(setup, "full", stack=True))  # default bound: each i in one stack here
+                 _run(setup, "full", stack=True))  # default bound: one stack of everything here
 
 
 def test_efficient_mode_is_never_stacked(setup):
@@ -158,3 +158,16 @@ def test_stacked_unrolled_per_row_i_equals_single_settings(setup):
         with pytest.raises(ValueError, match="exceeds"):
             StackedUnrolled(torch.tensor([1, 99]), torch.tensor([1, 1]),
                             torch.tensor([0.5, 0.5])).logits(model, x[:2])
+
+
+def test_stack_options_are_checked_and_the_default_bound_follows_the_state_size(setup):
+    from attacks.evaluation import GRID_STACK_ELEMENTS, _default_stack_rows
+    model, x, y, settings = setup
+    for kw, msg in (({"stack": "bogus"}, "stack must be"), ({"stack_rows": 0}, "stack_rows"),
+                    ({"stack_rows": 2.5}, "stack_rows")):
+        with pytest.raises(ValueError, match=msg):
+            grid_attack(model, model.defense, x[:2], y[:2], EPS, ALPHA, 1,
+                        settings=settings[:1], mode="full", **kw)
+    assert model.state_dim == 3528
+    assert _default_stack_rows(model, x, 64) == GRID_STACK_ELEMENTS // 3528 == 594
+    assert _default_stack_rows(model, x, 1024) == 1024  # never below the per-setting batch
