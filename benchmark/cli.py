@@ -61,6 +61,17 @@ def cmd_zoo_publish(args):
 def cmd_bench_forward(args):
     from benchmark.bench_forward import bench_forward, format_table
     from benchmark.provenance import provenance
+    if args.compare_old:  # issue 16: old vs new kernels of Sec. 3.2 and Broyden, interleaved
+        from benchmark.bench_forward import main as compare_main
+        argv = ["--compare-old", "--model", args.model, "--batch-size", str(args.batch_size),
+                "--tf", args.tf.split(",")[0], "--r", args.r.split(",")[0],
+                "--preset", args.preset, "--rounds", str(args.repeats),
+                "--variants", args.variants, "--inputs", args.inputs]
+        if args.checkpoint:
+            argv += ["--checkpoint", args.checkpoint]
+        if args.output:
+            argv += ["--output", args.output]
+        return compare_main(argv)
     rows = bench_forward(args.model, batch_size=args.batch_size,
                          tfs=_int_list(args.tf, "--tf"), rs=_int_list(args.r, "--r"),
                          preset=args.preset,
@@ -721,6 +732,12 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--repeats", type=_pos_int, default=2)
     bf.add_argument("--device", default="auto", help=DEVICE_HELP)
     bf.add_argument("--output", default=None, help="write the rows as JSON here")
+    bf.add_argument("--compare-old", action="store_true",
+                    help="old vs new kernels of Sec. 3.2 (first --tf, first --r; --repeats = "
+                         "interleaved rounds) and of Broyden's memory, in one process")
+    bf.add_argument("--variants", default="headline", help="with --compare-old: headline, levers or all")
+    bf.add_argument("--inputs", choices=["test", "random"], default="test",
+                    help="with --compare-old: the entry's test images or uniform noise")
     bf.set_defaults(func=cmd_bench_forward)
 
     tr = sub.add_parser("train", help="train a model from a YAML config (torchrun for DDP)")

@@ -175,3 +175,23 @@ def test_plain_forward_unchanged_by_inplace_memory(trades_and_images):
     a, fa = _run(model, x, FinalState(), legacy=False)
     b, fb = _run(model, x, FinalState(), legacy=True)
     assert torch.equal(a.logits, b.logits) and fa == fb == {"nograd": 19 * 8, "grad": 0}
+
+
+def test_compare_old_bench_reports_ratios_counts_and_equality(tmp_path, capsys):
+    """``deqbench bench forward --compare-old``: interleaved old vs new, f evals, equality."""
+    import json
+    from benchmark.cli import main
+    out = tmp_path / "cmp.json"
+    rc = main(["bench", "forward", "--compare-old", "--model", "deq_tiny_fmnist_trades",
+               "--batch-size", "3", "--tf", "2", "--r", "2", "--repeats", "1",
+               "--output", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in res["kernels"]}
+    assert set(rows) == {"plain[old]", "plain[new]", "old", "new", "new+inexact"}
+    for k in ("old", "new"):
+        assert rows[k]["logits_bitwise_equal_old"] and rows[k]["x_used_bitwise_equal_old"]
+        assert (rows[k]["f_nograd_per_sample"], rows[k]["f_grad_per_sample"]) == (22, 6)
+        assert rows[k]["ratio_vs_plain"] > 1
+    assert [r["bitwise_equal"] for r in res["broyden"]] == [True, True]
+    assert "time ratio vs plain" in capsys.readouterr().out
