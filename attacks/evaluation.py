@@ -466,10 +466,15 @@ def _default_stack_rows(model, x: Tensor, batch_size: int) -> int:
     return max(int(batch_size), GRID_STACK_ELEMENTS // max(int(state), 1))
 
 
-def _stackable(model, settings) -> bool:
+def _stackable(model, settings, reported=None) -> bool:
     """Stacking settings into one batch leaves every row's numbers unchanged only when rows are
-    independent: per-sample solver decisions and no dropout masks drawn per batch."""
+    independent: per-sample solver decisions and no dropout masks drawn per batch. The
+    reported forward must be a plain solve (FinalState / EarlyState, whose records carry every
+    f-evaluation per row): test-time defenses (Sec. 3.2) keep the per-setting loop, untested."""
+    from model_zoo.forward import EarlyState, FinalState
+    rep = reported if reported is not None else getattr(model, "defense", None)
     return (all(type(s) is UnrolledIntermediate for s in settings)
+            and type(rep) in (FinalState, EarlyState)
             and getattr(model.solver, "decisions", "sample") == "sample"
             and not getattr(model, "training", False)
             and not getattr(model.solver, "keep_graph", False))
@@ -670,7 +675,7 @@ def grid_attack(model, reported, x: Tensor, y: Tensor, eps: float, alpha: float,
     if stack not in (True, False, "i", "all"):
         raise ValueError(f"stack must be True/'all' (stacks across i), 'i' (only settings "
                          f"sharing i) or False (per-setting loop), got {stack!r}")
-    stacked = bool(stack) and mode != "efficient" and _stackable(model, settings)
+    stacked = bool(stack) and mode != "efficient" and _stackable(model, settings, reported)
     if stacked:
         x_adv, robust = _grid_run_stacked(model, base, settings, x, y, eps, alpha, steps, seed,
                                           random_start, mode, meter, clean_correct, per, ent,

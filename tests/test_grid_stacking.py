@@ -171,3 +171,18 @@ def test_stack_options_are_checked_and_the_default_bound_follows_the_state_size(
     assert model.state_dim == 3528
     assert _default_stack_rows(model, x, 64) == GRID_STACK_ELEMENTS // 3528 == 594
     assert _default_stack_rows(model, x, 1024) == 1024  # never below the per-setting batch
+
+
+def test_only_independent_rows_with_a_plain_reported_forward_are_stacked(setup):
+    from attacks.evaluation import _stackable
+    from attacks.surrogates import PhantomFinal
+    model, x, y, settings = setup
+    assert _stackable(model, settings) and _stackable(model, settings, mz.EarlyState(4))
+    assert not _stackable(model, settings, mz.EntropyReduction(eps=0.1, beta=0.025, r=2, tf=2))
+    assert not _stackable(model, settings + [PhantomFinal()])
+    saved = model.solver
+    try:
+        model.solver = saved.with_options(decisions="batch")
+        assert not _stackable(model, settings)
+    finally:
+        model.solver = saved
