@@ -120,14 +120,19 @@ def run_table(run) -> dict:
             u_all = und.ALL.reindex(idx)
             clean_d = dout.clean.reindex(idx)
             ad = gd[gd.attack == "adaptive"]
-            members = sorted(set(ad.setting) - {"worst"}, key=lambda n: (_member_rank(n), n))
+            # the transfer PGD's gradient is each shard's strongest undefended grid setting:
+            # one member under several names ('transfer:pgd@<setting>'), one row here
+            member = ad.setting.where(~ad.setting.str.startswith("transfer:pgd@"),
+                                      "transfer:pgd@strongest")
+            members = sorted(set(member) - {"worst"}, key=lambda n: (_member_rank(n), n))
             robust = clean_d.copy()
             rows = []
             for mname in members:
-                broke = ad[(ad.setting == mname) & (ad.correct == 0)].example.unique()
+                broke = ad[(member == mname) & (ad.correct == 0)].example.unique()
                 robust[robust.index.isin(broke)] = 0
                 rows.append({"member": mname, "after": _acc(torch.tensor(robust.to_numpy()) > 0),
-                             "attacked": int((ad.setting == mname).sum())})
+                             "attacked": int(ad[member == mname].example.nunique()),
+                             "settings": sorted(set(ad.setting[member == mname]))})
             worst = dout.ALL.reindex(idx)
             wall = units[(units.model == mk) & (units.defense == dk)].groupby("attack").wall_s.sum()
             out["models"][f"{mk}@{dk}"] = {
