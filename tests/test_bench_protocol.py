@@ -38,7 +38,17 @@ def test_compare_all_lists_every_differing_example():
 
 
 @needs_data
-def test_bench_protocol_against_head_worktree(tmp_path):
+def _remove_head_worktree():
+    """The test's baseline worktree (benchmark.bench_protocol.baseline_tree of HEAD) goes again."""
+    import tempfile
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
+                         text=True).stdout.strip()
+    tree = Path(tempfile.gettempdir()) / f"deqbench_baseline_{sha[:12]}"
+    subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO,
+                   capture_output=True)
+
+
+def test_bench_protocol_against_head_worktree(tmp_path, request):
     """Same code on both sides (a worktree of HEAD): every example's ALL agrees, the counts
     are per example and positive, the speed-up is a ratio of the measured walls."""
     cfg = tmp_path / "c.yaml"
@@ -50,6 +60,7 @@ def test_bench_protocol_against_head_worktree(tmp_path):
         "models": [{"name": "deq_tiny_fmnist_pgdat", "defenses": ["final"]}],
         "attacks": {"pgd": {"steps": 2}, "grid": {"steps": 1, "kas": [1], "lams": [1.0]}}}))
     out = tmp_path / "bp.json"
+    request.addfinalizer(_remove_head_worktree)
     r = subprocess.run([sys.executable, "-m", "benchmark.cli", "bench", "protocol", str(cfg),
                         "--n", "4", "--baseline", "HEAD", "--workers", "1", "--attacks", "pgd",
                         "--keep", str(tmp_path / "runs"), "--output", str(out)],
