@@ -449,12 +449,18 @@ def test_injected_ball_and_range_violations_are_caught(deq, deq_data, linear, mo
     def stray_core(judged, x, y, eps, *args, **kw):
         return (x + 2 * eps).clamp(0, 1), torch.zeros(len(x), dtype=torch.bool)
     monkeypatch.setattr(ev, "_pgd_core", stray_core)
+
+    # the grid's stacked path (modes full and naive: settings x examples as one batch)
+    def stray_stacked(model, base, i, preset, ka, lam, unit, x, y, eps, *args, **kw):
+        return (x + 2 * eps).clamp(0, 1), torch.zeros(len(x), dtype=torch.bool)
+    monkeypatch.setattr(ev, "_pgd_core_stacked", stray_stacked)
     with pytest.raises(ValueError, match="ball"):
         pgd_attack(jm, x, y, EPS, EPS / 4, steps=2)
     for mode in ("full", "efficient", "naive"):
-        with pytest.raises(ValueError, match="ball"):
-            grid_attack(deq, mz.FinalState(), x, y, EPS, EPS / 4, 2,
-                        settings=[UnrolledIntermediate(1, 1, 0.5)], mode=mode)
+        for stack in (True, False):
+            with pytest.raises(ValueError, match="ball"):
+                grid_attack(deq, mz.FinalState(), x, y, EPS, EPS / 4, 2,
+                            settings=[UnrolledIntermediate(1, 1, 0.5)], mode=mode, stack=stack)
 
 
 # ---------------------------------------------------------------------------------------------
