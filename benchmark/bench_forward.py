@@ -121,6 +121,19 @@ def _timed(fn, device):
     return time.perf_counter() - t0, out
 
 
+def forward_counted(model, x, defense, legacy: bool = False):
+    """``model.run(x, defense=defense)`` without a graph -> (record, f_theta evaluations);
+    ``legacy``: with the pre-issue-16 kernels (:func:`legacy_kernels`)."""
+    model.f_evals.reset()
+    with torch.no_grad():
+        if legacy:
+            with legacy_kernels():
+                rec = model.run(x, defense=defense)
+        else:
+            rec = model.run(x, defense=defense)
+    return rec, model.f_evals.snapshot()
+
+
 def compare_kernels(model, x, tf: int = 2, r: int = 10, rounds: int = 5, preset: str = "reference",
                     eps: float = 8 / 255, beta: float = 2 / 255, variants=None):
     """Sec. 3.2 at (tf, r), the pre-issue-16 kernels vs each lever vs all, INTERLEAVED: every
@@ -143,16 +156,7 @@ def compare_kernels(model, x, tf: int = 2, r: int = 10, rounds: int = 5, preset:
     plain = FinalState()
 
     def run(defense, legacy):
-        def go():
-            model.f_evals.reset()
-            with torch.no_grad():
-                if legacy:
-                    with legacy_kernels():
-                        rec = model.run(x, defense=defense)
-                else:
-                    rec = model.run(x, defense=defense)
-            return rec, model.f_evals.snapshot()
-        return go
+        return lambda: forward_counted(model, x, defense, legacy)
 
     jobs = {"plain[old]": run(plain, True), "plain[new]": run(plain, False)}
     for name, k in variants.items():

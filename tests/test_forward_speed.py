@@ -23,14 +23,8 @@ def trades_and_images():
 
 
 def _run(model, x, defense, legacy):
-    model.f_evals.reset()
-    with torch.no_grad():
-        if legacy:
-            with legacy_kernels():
-                rec = model.run(x, defense=defense)
-        else:
-            rec = model.run(x, defense=defense)
-    return rec, model.f_evals.snapshot()
+    from benchmark.bench_forward import forward_counted
+    return forward_counted(model, x, defense, legacy)
 
 
 @pytest.mark.parametrize("preset", ["reference", "paper"])
