@@ -518,11 +518,23 @@ WORKERS_HELP = ("local worker processes for the work units: an integer or auto (
                 "the throughput of one 2-thread process on the 2-core CPU)")
 
 
+ARCHIVE_HELP = ("the archive folder of finished units (overrides the config's archive.dir, "
+                "keeping its git / every_s; see benchmark/archive.py): e.g. the repository's "
+                "results/ folder when the code runs from a git worktree")
+
+
+def _apply_archive_arg(cfg, args) -> None:
+    if getattr(args, "archive", None):
+        from benchmark.archive import check_archive
+        cfg.archive = check_archive({**(cfg.archive or {"git": False}), "dir": args.archive})
+
+
 def _evaluate_cmd(args, only=None, title="evaluate"):
     """``only``: None (everything), or cfg -> the set of attacks to run."""
     from benchmark.run_config import load_run_config
     from benchmark.runner import evaluate
     cfg = load_run_config(args.config)
+    _apply_archive_arg(cfg, args)
     if args.device:
         cfg.device, cfg.device_requested = args.device, args.device_requested
     else:
@@ -625,6 +637,7 @@ def cmd_leaderboard(args):
     from benchmark.run_config import load_run_config
     from benchmark.runner import evaluate
     cfg = load_run_config(args.config)
+    _apply_archive_arg(cfg, args)
     preflight(cfg)
     # a finished run only re-reads its database
     res = evaluate(cfg, progress=not args.quiet, workers=args.workers)
@@ -794,6 +807,8 @@ def build_parser() -> argparse.ArgumentParser:
         ep.add_argument("--device", default=None, help="override the config's device: " + DEVICE_HELP)
         ep.add_argument("--quiet", action="store_true")
         ep.add_argument("--workers", type=_workers_arg, default="auto", help=WORKERS_HELP)
+        ep.add_argument("--archive", default=None, metavar="DIR",
+                        help=ARCHIVE_HELP)
         ep.set_defaults(func=func)
 
     lb = sub.add_parser("leaderboard", help="evaluate a run config (if needed) and write its leaderboard")
@@ -801,6 +816,7 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--root", default="leaderboards")
     lb.add_argument("--quiet", action="store_true")
     lb.add_argument("--workers", type=_workers_arg, default="auto", help=WORKERS_HELP)
+    lb.add_argument("--archive", default=None, metavar="DIR", help=ARCHIVE_HELP)
     lb.set_defaults(func=cmd_leaderboard)
 
     tb = sub.add_parser("tables", help="the paper's tables of a run (Markdown + CSV), from its database")

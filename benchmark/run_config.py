@@ -53,7 +53,8 @@ def __getattr__(name):
 
 
 TOP_KEYS = {"name", "output", "seed", "device", "batch_size", "shard_size", "data", "threat",
-            "models", "model", "attacks", "description", "reliability"}
+            "models", "model", "attacks", "description", "reliability", "archive",
+            "unit_order"}
 #: keys of a model from user code: ``models: [{factory: "pkg.mod:fn" | "file.py:fn", ...}]``
 #: (or ``model: {...}`` for a run of one model); see :mod:`model_zoo.byo`
 USER_MODEL_KEYS = {"factory", "kwargs", "checkpoint", "sha256", "name", "label", "defenses",
@@ -115,6 +116,11 @@ class RunConfig:
     source: Optional[str] = None
     device_requested: str = "auto"
     reliability: dict = field(default_factory=dict)
+    # where finished units are archived for committing (benchmark.archive), and the order units
+    # run in ('attack': attack by attack; 'shard': shard by shard, so a stopped run has whole
+    # shards); neither changes a result, so neither is in the hash
+    archive: dict = field(default_factory=dict)
+    unit_order: str = "attack"
 
     @property
     def run_dir(self) -> Path:
@@ -138,6 +144,10 @@ class RunConfig:
              "device_requested": self.device_requested}
         if self.reliability:
             d["reliability"] = self.reliability
+        if self.archive:
+            d["archive"] = self.archive
+        if self.unit_order != "attack":
+            d["unit_order"] = self.unit_order
         return d
 
     def weights(self) -> dict:
@@ -150,6 +160,8 @@ class RunConfig:
         d = self.to_dict()
         for k in ("output", "device", "description", "batch_size", "device_requested"):
             d.pop(k)
+        d.pop("archive", None)
+        d.pop("unit_order", None)
         d["weights"] = self.weights()
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -188,6 +200,11 @@ def from_dict(raw: dict, source: Optional[str] = None) -> RunConfig:
     for k in ("seed", "batch_size", "shard_size"):
         _int({k: getattr(cfg, k)}, k, 0 if k == "seed" else 1)
     cfg.reliability = _check_reliability(raw.get("reliability"))
+    from benchmark.archive import check_archive
+    cfg.archive = check_archive(raw.get("archive"), source)
+    cfg.unit_order = raw.get("unit_order", "attack")
+    if cfg.unit_order not in ("attack", "shard"):
+        _err("unit_order", f"must be 'attack' or 'shard', got {cfg.unit_order!r}")
     data = _mapping(raw, "data")
     unknown = set(data) - DATA_KEYS
     if unknown:

@@ -138,6 +138,24 @@ def evaluate(cfg: RunConfig, progress: bool = True, rank: Optional[int] = None,
                              f"{old} vs {cfg.hash()}); give the run a new name or delete "
                              f"{cfg.run_dir}")
     db = ResultsDB(path)
+    archive = None
+    if cfg.archive:
+        from benchmark.archive import Archive
+        if world > 1:
+            db.close()
+            raise ValueError("archive: runs of one process group only (world size 1); run the "
+                             "ranks without an archive, or one rank with --workers")
+        archive = Archive(cfg.archive, cfg)
+        try:
+            ameta = archive.check()
+            if ameta is not None and db.get_meta("config_hash") is None:
+                for k in ("config", "config_hash", "weights", "config_source", "seed",
+                          "provenance", "start_time"):
+                    if ameta.get(k) is not None:
+                        db.set_meta(k, ameta[k])
+        except BaseException:
+            db.close()
+            raise
     old = db.get_meta("config_hash")
     if old is not None and old != cfg.hash():
         before = db.get_meta("weights") or {}
@@ -177,7 +195,18 @@ def evaluate(cfg: RunConfig, progress: bool = True, rank: Optional[int] = None,
                     continue
                 for lo, hi in shards:
                     plan.append((m, dspec, attack, lo, hi))
-    todo = [p for p in plan if f"{p[0].key}|{defense_key(p[1])}|{p[2]}|{p[3]}-{p[4]}" not in done]
+    if cfg.unit_order == "shard":
+        # shard by shard (stable: the registry's order within a shard), so a run stopped at
+        # any point holds whole shards (every attack of every entry on the same examples)
+        plan.sort(key=lambda p: p[3])
+    if archive is not None:
+        imported, exported = archive.sync(db)
+        done = db.done_units()
+        archive.write_meta(db, {**provenance(cfg.device), "imported_units": imported,
+                                "exported_units": exported, "done_before": len(done)})
+        archive.maybe_commit(f"results: {cfg.name}: {len(done & _uids(plan))}/{len(plan)} "
+                             "units (start)", force=True)
+    todo = [p for p in plan if _uid(p) not in done]
     bar = None
     if progress:
         from tqdm import tqdm
@@ -185,27 +214,57 @@ def evaluate(cfg: RunConfig, progress: bool = True, rank: Optional[int] = None,
     n_workers, threads = resolve_workers(workers, cfg, world)
     db.set_meta(f"last_invocation/{rank}/workers", {"workers": n_workers,
                                                      "threads_per_worker": threads})
-    if n_workers > 1 and len(todo) > 1 and stop_after_units is None:
-        db.close()
-        _run_parallel(cfg, path, todo, n_workers, threads, rank, bar)
-        db = ResultsDB(path)
-        ran = len(todo)
-    else:
-        resolve = _resolver(db, cfg, {}, {}, progress)
-        caches = {}
-        ran = 0
-        for m, dspec, attack, lo, hi in todo:
-            _run_unit(db, cfg, ds, resolve, caches, m, dspec, attack, lo, hi, progress, rank)
-            ran += 1
-            if bar is not None:
-                bar.update(1)
-            if stop_after_units is not None and ran >= stop_after_units:
-                break
-    if bar is not None:
-        bar.close()
-    complete = len(db.done_units()) >= len(plan)
-    if complete:
-        db.set_meta("end_time", time.time())
+    plan_ids = _uids(plan)
+    archived = {"n": len(done & plan_ids)}
+
+    def unit_done(reader, uid):
+        # archive each finished unit at once; commit the archive at most every every_s seconds
+        if archive is None:
+            return
+        archive.export_unit(reader, uid)
+        archived["n"] += 1
+        archive.maybe_commit(f"results: {cfg.name}: {archived['n']}/{len(plan)} units")
+
+    try:
+        if n_workers > 1 and len(todo) > 1 and stop_after_units is None:
+            db.close()
+            reader = ResultsDB(path) if archive is not None else None
+            try:
+                _run_parallel(cfg, path, todo, n_workers, threads, rank, bar,
+                              on_done=lambda p: unit_done(reader, _uid(p)))
+            finally:
+                if reader is not None:
+                    reader.close()
+            db = ResultsDB(path)
+            ran = len(todo)
+        else:
+            resolve = _resolver(db, cfg, {}, {}, progress)
+            caches = {}
+            ran = 0
+            for p in todo:
+                m, dspec, attack, lo, hi = p
+                _run_unit(db, cfg, ds, resolve, caches, m, dspec, attack, lo, hi, progress, rank)
+                unit_done(db, _uid(p))
+                ran += 1
+                if bar is not None:
+                    bar.update(1)
+                if stop_after_units is not None and ran >= stop_after_units:
+                    break
+        if bar is not None:
+            bar.close()
+        complete = len(db.done_units()) >= len(plan)
+        if complete:
+            db.set_meta("end_time", time.time())
+    finally:
+        if archive is not None:
+            # whatever finished, also when stopped by an error or Ctrl-C
+            with ResultsDB(path) as adb:
+                archive.sync(adb)
+                archive.write_meta(adb, {"finished": time.time(),
+                                         "done": len(adb.done_units() & plan_ids)})
+                n_done = len(adb.done_units() & plan_ids)
+            archive.maybe_commit(f"results: {cfg.name}: {n_done}/{len(plan)} units"
+                                 + (" (complete)" if n_done >= len(plan) else ""), force=True)
     db.close()
     out_path = path
     if world > 1:
@@ -230,6 +289,15 @@ def evaluate(cfg: RunConfig, progress: bool = True, rank: Optional[int] = None,
             result["summary"] = summarize(d)
     return result
 
+
+
+def _uid(p) -> str:
+    """The unit id of a plan item (model spec, defense spec, attack, lo, hi)."""
+    return f"{p[0].key}|{defense_key(p[1])}|{p[2]}|{p[3]}-{p[4]}"
+
+
+def _uids(plan) -> set:
+    return {_uid(p) for p in plan}
 
 
 def _test_subset(cfg: RunConfig):
@@ -350,7 +418,7 @@ def _worker_main(cfg, path, threads, rank, tasks, results):
     db.close()
 
 
-def _run_parallel(cfg, path, todo, n_workers, threads, rank, bar):
+def _run_parallel(cfg, path, todo, n_workers, threads, rank, bar, on_done=None):
     """Run ``todo`` on ``n_workers`` local processes, each unit once its dependencies
     (:func:`_unit_deps`) are committed; the ready unit earliest in plan order goes to the next
     idle worker. Units of an attack with ``pinned = True`` (transfer: its cache of crafted
@@ -401,6 +469,8 @@ def _run_parallel(cfg, path, todo, n_workers, threads, rank, bar):
                                    f"{name}: {msg}\n{tb}")
             done.add(j)
             idle.append(w)
+            if on_done is not None:
+                on_done(todo[j])
             if bar is not None:
                 bar.update(1)
     finally:
