@@ -657,6 +657,11 @@ def cmd_tables(args):
                        + (["--bench", args.bench] if args.bench else []))
 
 
+def cmd_gap(args):
+    from benchmark.report.gap import main as gap_main
+    return gap_main([args.reduced, args.full] + (["--out", args.out] if args.out else []))
+
+
 def cmd_claims(args):
     from benchmark.report.claims import main as claims_main
     return claims_main([args.run] + (["--leaderboard", args.leaderboard] if args.leaderboard else []))
@@ -834,6 +839,13 @@ def build_parser() -> argparse.ArgumentParser:
     fg.add_argument("--force", action="store_true",
                     help="redraw even when RUN/figures holds the figures of the same inputs")
     fg.set_defaults(func=cmd_figures)
+    gp = sub.add_parser("gap", help="what a reduced protocol misses: paired, vs a run of the "
+                                    "full grid / standard AutoAttack on common examples")
+    gp.add_argument("reduced", help="the reduced run (folder or results.sqlite)")
+    gp.add_argument("full", help="the full run (folder or results.sqlite)")
+    gp.add_argument("--out", default=None, help="folder for gap.md / gap.json (default: FULL)")
+    gp.set_defaults(func=cmd_gap)
+
     cl = sub.add_parser("claims", help="the paper's claims as verdicts: RUN/claims.md + .json")
     cl.add_argument("run", help="run folder (with results.sqlite) or the .sqlite file")
     cl.add_argument("--leaderboard", default=None, help="also copy claims.md/.json into this folder")
