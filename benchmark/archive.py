@@ -234,6 +234,14 @@ class Archive:
         if not force and time.monotonic() - self._last_commit < self.every_s:
             return False
         root = self.root.resolve()
+        inside = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=root,
+                                capture_output=True, text=True)
+        if inside.returncode != 0 or inside.stdout.strip() != "true":
+            # not a git checkout (e.g. an unpacked tarball): say so once, keep archiving
+            print(f"deqbench: archive: {root} is not inside a git work tree; the archive is "
+                  "written but not committed (archive.git ignored)", file=sys.stderr)
+            self.git = False
+            return False
         try:
             subprocess.run(["git", "add", "--", "."], cwd=root, check=True,
                            capture_output=True, text=True)

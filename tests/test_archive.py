@@ -146,3 +146,15 @@ def test_parallel_workers_archive_every_unit(checkpoints, tmp_path):
     rb = tmp_path / "rebuilt.sqlite"
     rebuild(arch, rb)
     pd.testing.assert_frame_equal(_frame(rb), _frame(res["db"]))
+
+
+def test_git_outside_a_work_tree_warns_once_and_keeps_archiving(checkpoints, tmp_path, capsys,
+                                                                 monkeypatch):
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    arch = tmp_path / "arch"
+    res = evaluate(from_dict(_raw(checkpoints, tmp_path / "s", archive={
+        "dir": str(arch), "git": True, "every_s": 0})), progress=False, stop_after_units=3)
+    assert res["units_run"] == 3
+    assert len(list((arch / "units").rglob("*.jsonl.gz"))) == 3
+    err = capsys.readouterr().err
+    assert err.count("is not inside a git work tree") == 1
