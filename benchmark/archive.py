@@ -32,6 +32,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -87,7 +88,10 @@ def unit_file(root: Path, unit_id: str) -> Path:
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())   # on disk before the rename makes it visible
     tmp.replace(path)
 
 
@@ -130,31 +134,61 @@ class Archive:
                 "archive.dir")
         return meta
 
-    def write_meta(self, db: ResultsDB, invocation: dict) -> None:
+    #: DB meta keys that are provenance of one invocation, not state of the run
+    _TRANSIENT_META = ("last_invocation/",)
+    _TOP_META = ("config", "config_hash", "weights", "config_source", "seed", "provenance",
+                 "start_time", "dataset", "end_time")
+
+    def _db_state(self, db: ResultsDB) -> dict:
+        """The DB's meta that later units depend on and that the run computed once (e.g. the
+        early state chosen on validation data, the pruned grid's calibration): archived so a
+        rebuilt database reuses it instead of recomputing it."""
+        return {k: v for k, v in db.meta().items()
+                if k not in self._TOP_META and not k.startswith(self._TRANSIENT_META)}
+
+    def write_meta(self, db: ResultsDB, invocation: Optional[dict] = None,
+                   complete: Optional[bool] = None) -> None:
+        """Write ``run.json``: the run's metadata (first invocation), ``invocations`` (one entry
+        per call with ``invocation``), ``db_state`` (see :meth:`_db_state`) and, once every
+        unit of the full plan is archived (``complete=True``), ``complete`` and ``end_time``."""
         meta = self.read_meta()
         if meta is None:
-            meta = {k: db.get_meta(k) for k in ("config", "config_hash", "weights",
-                                                 "config_source", "seed", "provenance",
-                                                 "start_time", "dataset")}
+            meta = {k: db.get_meta(k) for k in self._TOP_META if k != "end_time"}
             meta["invocations"] = []
-        meta["invocations"].append(invocation)
-        if db.get_meta("end_time") is not None:
-            meta["end_time"] = db.get_meta("end_time")
-        _write_atomic(self.meta_path, (json.dumps(meta, indent=1, sort_keys=True,
-                                                  default=str) + "\n").encode())
-        self._dirty = True
+        if invocation is not None:
+            meta["invocations"].append(invocation)
+        meta["db_state"] = self._db_state(db)
+        if complete and not meta.get("complete"):
+            meta["complete"] = True
+            meta["end_time"] = db.get_meta("end_time") or time.time()
+        text = json.dumps(meta, indent=1, sort_keys=True, default=str) + "\n"
+        if not self.meta_path.is_file() or self.meta_path.read_text() != text:
+            _write_atomic(self.meta_path, text.encode())
+            self._dirty = True
+
+    def restore_state(self, db: ResultsDB, meta: Optional[dict]) -> None:
+        """Copy the archived run metadata and ``db_state`` into ``db`` where it lacks them."""
+        if not meta:
+            return
+        have = db.meta()
+        for k in self._TOP_META:
+            if k != "end_time" and meta.get(k) is not None and k not in have:
+                db.set_meta(k, meta[k])
+        for k, v in (meta.get("db_state") or {}).items():
+            if k not in have:
+                db.set_meta(k, v)
 
     # -- units -----------------------------------------------------------------------------------
     def archived(self) -> dict:
-        """unit id -> file, for every archived unit (read from each file's first line)."""
+        """unit id -> file, for every archived unit. Every file is read in full (gzip's CRC
+        checks it), so a truncated or damaged file is an error naming it, never imported.
+        Leftover ``*.tmp`` files (a write killed before its rename) are removed."""
+        for t in (self.root / "units").rglob("*.tmp"):
+            t.unlink()
         out = {}
         for p in sorted((self.root / "units").rglob("*.jsonl.gz")):
-            try:
-                with gzip.open(p, "rt") as f:
-                    out[json.loads(f.readline())["unit_id"]] = p
-            except (OSError, EOFError, json.JSONDecodeError, KeyError) as e:
-                raise ArchiveError(f"{p}: not a readable archived unit ({e}); delete it and "
-                                   "run again (the unit is recomputed)") from None
+            unit, _ = self.read_unit(p)
+            out[unit["unit_id"]] = p
         return out
 
     def export_unit(self, db: ResultsDB, unit_id: str) -> Path:
@@ -164,7 +198,10 @@ class Archive:
             raise ArchiveError(f"unit {unit_id!r} is not in {db.path}")
         recs = db.conn.execute(f"SELECT {', '.join(RECORD_FIELDS)} FROM records WHERE unit_id = ?"
                                " ORDER BY setting, example", (unit_id,)).fetchall()
-        lines = [_json(dict(zip(UNIT_FIELDS, urow)))]
+        head = dict(zip(UNIT_FIELDS, urow))
+        if self.cfg is not None:
+            head["config_hash"] = self.cfg.hash()
+        lines = [_json(head)]
         lines += [_json(dict(zip(RECORD_FIELDS, r))) for r in recs]
         data = gzip.compress(("\n".join(lines) + "\n").encode(), compresslevel=9, mtime=0)
         path = unit_file(self.root, unit_id)
@@ -173,22 +210,34 @@ class Archive:
         return path
 
     @staticmethod
-    def read_unit(path: Path):
-        with gzip.open(path, "rt") as f:
-            lines = f.read().splitlines()
-        unit = json.loads(lines[0])
-        recs = [json.loads(s) for s in lines[1:] if s]
+    def read_unit(path: Path, config_hash: Optional[str] = None):
+        """(unit row, records) of an archived file; an ArchiveError naming the file when it is
+        unreadable, truncated, or archived under another config hash than ``config_hash``."""
+        try:
+            with gzip.open(path, "rt") as f:
+                lines = f.read().splitlines()
+            unit = json.loads(lines[0])
+            recs = [json.loads(s) for s in lines[1:] if s]
+            unit["unit_id"]
+        except (OSError, EOFError, ValueError, KeyError, IndexError) as e:
+            raise ArchiveError(f"{path}: not a readable archived unit ({type(e).__name__}: {e}); "
+                               "delete it and run again (the unit is recomputed)") from None
+        h = unit.get("config_hash")
+        if config_hash is not None and h is not None and h != config_hash:
+            raise ArchiveError(f"{path}: archived under config hash {h}, not {config_hash}")
         return unit, recs
 
-    def import_units(self, db: ResultsDB, files) -> int:
-        """Insert the archived units ``files`` into ``db`` (one transaction)."""
+    def import_units(self, db: ResultsDB, files, config_hash: Optional[str] = None) -> int:
+        """Insert the archived units ``files`` into ``db`` (one transaction); each must have
+        been archived under ``config_hash`` (default: this run's)."""
         cur = db.conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
         n = 0
         try:
             have = {r[0] for r in cur.execute("SELECT unit_id FROM units")}
+            want = config_hash or (self.cfg.hash() if self.cfg is not None else None)
             for p in files:
-                unit, recs = self.read_unit(p)
+                unit, recs = self.read_unit(p, want)
                 if unit["unit_id"] in have:
                     continue
                 cur.executemany(
@@ -207,13 +256,12 @@ class Archive:
         return n
 
     def sync(self, db: ResultsDB) -> tuple:
-        """Import what the database lacks, archive what the archive lacks: (imported, exported)."""
+        """Import what the database lacks, archive what the archive lacks: (imported, exported).
+        ``run.json`` is written before any unit is exported."""
         meta = self.check()
-        if meta is not None and db.get_meta("config_hash") is None:
-            for k in ("config", "config_hash", "weights", "config_source", "seed",
-                      "provenance", "start_time"):
-                if meta.get(k) is not None:
-                    db.set_meta(k, meta[k])
+        self.restore_state(db, meta)
+        if meta is None:
+            self.write_meta(db)
         arch = self.archived()
         done = db.done_units()
         imported = self.import_units(db, [p for u, p in arch.items() if u not in done])
@@ -234,28 +282,39 @@ class Archive:
         if not force and time.monotonic() - self._last_commit < self.every_s:
             return False
         root = self.root.resolve()
-        inside = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=root,
-                                capture_output=True, text=True)
-        if inside.returncode != 0 or inside.stdout.strip() != "true":
-            # not a git checkout (e.g. an unpacked tarball): say so once, keep archiving
-            print(f"deqbench: archive: {root} is not inside a git work tree; the archive is "
-                  "written but not committed (archive.git ignored)", file=sys.stderr)
+        try:
+            inside = subprocess.run(["git", "rev-parse", "--is-inside-work-tree"], cwd=root,
+                                    capture_output=True, text=True)
+            ok = inside.returncode == 0 and inside.stdout.strip() == "true"
+        except OSError:           # no git binary
+            ok = False
+        if not ok:
+            # not a git checkout (e.g. an unpacked tarball), or no git: say so once, keep
+            # archiving
+            print(f"deqbench: archive: {root} is not inside a git work tree (or git is "
+                  "missing); the archive is written but not committed (archive.git ignored)",
+                  file=sys.stderr)
             self.git = False
             return False
         try:
-            subprocess.run(["git", "add", "--", "."], cwd=root, check=True,
-                           capture_output=True, text=True)
-            st = subprocess.run(["git", "diff", "--cached", "--quiet", "--", "."], cwd=root,
+            # the archive folder only; a *.tmp of a write in progress is never committed
+            spec = ["--", ".", ":(exclude)*.tmp"]
+            subprocess.run(["git", "add", *spec], cwd=root, check=True, capture_output=True,
+                           text=True)
+            st = subprocess.run(["git", "diff", "--cached", "--quiet", *spec], cwd=root,
                                 capture_output=True)
             if st.returncode == 0:
                 self._dirty = False
                 return False
-            subprocess.run(["git", "commit", "-q", "--no-verify", "-m", message, "--", "."],
+            subprocess.run(["git", "commit", "-q", "--no-verify", "-m", message, *spec],
                            cwd=root, check=True, capture_output=True, text=True)
         except (subprocess.CalledProcessError, OSError) as e:
             err = getattr(e, "stderr", "") or str(e)
+            # retried at the next commit time (every_s), not after every unit
+            self._last_commit = time.monotonic()
             print(f"deqbench: archive: git commit of {root} failed ({err.strip()[:200]}); "
-                  "will retry", file=sys.stderr)
+                  f"the files are kept and the commit is retried in {self.every_s:.0f} s",
+                  file=sys.stderr)
             return False
         self._last_commit = time.monotonic()
         self._dirty = False
@@ -267,16 +326,19 @@ def rebuild(archive_dir, db_path) -> int:
     without the run config (e.g. CI re-rendering the committed leaderboard). Returns the units
     imported."""
     root = Path(archive_dir)
-    meta = json.loads((root / "run.json").read_text())
+    a = Archive({"dir": str(root)}, None)
+    meta = a.read_meta()
+    if meta is None:
+        raise ArchiveError(f"{root / 'run.json'} not found: not an archive folder")
     with ResultsDB(db_path) as db:
         old = db.get_meta("config_hash")
         if old is not None and old != meta["config_hash"]:
             raise ArchiveError(f"{db_path} holds another configuration ({old} vs "
                                f"{meta['config_hash']})")
-        for k, v in meta.items():
-            if k != "invocations" and v is not None:
-                db.set_meta(k, v)
-        a = Archive({"dir": str(root)}, None)
+        a.restore_state(db, meta)
+        if meta.get("complete") and meta.get("end_time") is not None:
+            db.set_meta("end_time", meta["end_time"])
         arch = a.archived()
         done = db.done_units()
-        return a.import_units(db, [p for u, p in arch.items() if u not in done])
+        return a.import_units(db, [p for u, p in arch.items() if u not in done],
+                              config_hash=meta["config_hash"])

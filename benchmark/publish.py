@@ -48,7 +48,7 @@ def archive_status(archive) -> dict:
         return {"exists": False, "complete": False, "units": 0}
     meta = json.loads(meta_p.read_text())
     units = len(list((root / "units").rglob("*.jsonl.gz")))
-    return {"exists": True, "complete": meta.get("end_time") is not None, "units": units,
+    return {"exists": True, "complete": bool(meta.get("complete")), "units": units,
             "config_hash": meta.get("config_hash"), "n": (meta.get("dataset") or {}).get("n")}
 
 

@@ -228,8 +228,11 @@ def _identity(db: ResultsDB, cfg: dict, key: str, entry) -> dict:
         ckpt = str(spec["checkpoint"])
     elif entry.checkpoint_path() is not None:
         p = entry.checkpoint_path()
+        # relative to the repository (not the working directory: the committed leaderboard
+        # must render the same from anywhere)
         try:
-            ckpt = str(p.relative_to(Path.cwd()))
+            ckpt = str(Path(p).resolve().relative_to(Path(model_zoo.__file__).resolve()
+                                                     .parent.parent))
         except ValueError:
             ckpt = str(p)
     else:

@@ -17,6 +17,7 @@ rank 0 merges them into ``results.sqlite``.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Optional
 
@@ -147,12 +148,9 @@ def evaluate(cfg: RunConfig, progress: bool = True, rank: Optional[int] = None,
                              "ranks without an archive, or one rank with --workers")
         archive = Archive(cfg.archive, cfg)
         try:
-            ameta = archive.check()
-            if ameta is not None and db.get_meta("config_hash") is None:
-                for k in ("config", "config_hash", "weights", "config_source", "seed",
-                          "provenance", "start_time"):
-                    if ameta.get(k) is not None:
-                        db.set_meta(k, ameta[k])
+            # a fresh database (lost runs/, a new clone) takes the archived run's metadata
+            # and computed state (e.g. the early state chosen on validation data)
+            archive.restore_state(db, archive.check())
         except BaseException:
             db.close()
             raise
@@ -196,9 +194,7 @@ def evaluate(cfg: RunConfig, progress: bool = True, rank: Optional[int] = None,
                 for lo, hi in shards:
                     plan.append((m, dspec, attack, lo, hi))
     if cfg.unit_order == "shard":
-        # shard by shard (stable: the registry's order within a shard), so a run stopped at
-        # any point holds whole shards (every attack of every entry on the same examples)
-        plan.sort(key=lambda p: p[3])
+        plan = shard_major(plan)
     if archive is not None:
         imported, exported = archive.sync(db)
         done = db.done_units()
@@ -218,10 +214,12 @@ def evaluate(cfg: RunConfig, progress: bool = True, rank: Optional[int] = None,
     archived = {"n": len(done & plan_ids)}
 
     def unit_done(reader, uid):
-        # archive each finished unit at once; commit the archive at most every every_s seconds
+        # archive each finished unit at once (and any state it computed, into run.json);
+        # commit the archive at most every every_s seconds
         if archive is None:
             return
         archive.export_unit(reader, uid)
+        archive.write_meta(reader)
         archived["n"] += 1
         archive.maybe_commit(f"results: {cfg.name}: {archived['n']}/{len(plan)} units")
 
@@ -252,19 +250,19 @@ def evaluate(cfg: RunConfig, progress: bool = True, rank: Optional[int] = None,
                     break
         if bar is not None:
             bar.close()
-        complete = len(db.done_units()) >= len(plan)
-        if complete:
+        complete = plan_ids <= db.done_units()
+        if complete and db.get_meta("end_time") is None:
             db.set_meta("end_time", time.time())
-    finally:
+    except BaseException:
         if archive is not None:
-            # whatever finished, also when stopped by an error or Ctrl-C
-            with ResultsDB(path) as adb:
-                archive.sync(adb)
-                archive.write_meta(adb, {"finished": time.time(),
-                                         "done": len(adb.done_units() & plan_ids)})
-                n_done = len(adb.done_units() & plan_ids)
-            archive.maybe_commit(f"results: {cfg.name}: {n_done}/{len(plan)} units"
-                                 + (" (complete)" if n_done >= len(plan) else ""), force=True)
+            try:
+                _archive_finish(archive, path, cfg, plan_ids, only)
+            except Exception as e:  # never mask the error that stopped the run
+                print(f"deqbench: archive: could not archive/commit at the stop ({e}); the next "
+                      "run archives what the database holds", file=sys.stderr)
+        raise
+    if archive is not None:
+        _archive_finish(archive, path, cfg, plan_ids, only)
     db.close()
     out_path = path
     if world > 1:
@@ -289,6 +287,36 @@ def evaluate(cfg: RunConfig, progress: bool = True, rank: Optional[int] = None,
             result["summary"] = summarize(d)
     return result
 
+
+
+def _archive_finish(archive, path, cfg, plan_ids, only) -> None:
+    """At the end of an invocation (also when stopped by an error or Ctrl-C): archive whatever
+    finished, record the invocation, mark the archive complete only when every unit of the
+    FULL plan is in it (not a ``sweep``'s subset), commit."""
+    with ResultsDB(path) as adb:
+        archive.sync(adb)
+        done = adb.done_units()
+        n_done = len(done & plan_ids)
+        full = only is None and plan_ids <= done
+        archive.write_meta(adb, {"finished": time.time(), "done": n_done,
+                                 "only": sorted(only) if only is not None else None},
+                           complete=full)
+    archive.maybe_commit(f"results: {cfg.name}: {n_done}/{len(plan_ids)} units"
+                         + (" (complete)" if full else ""), force=True)
+
+
+def shard_major(plan) -> list:
+    """``plan`` (in the registry's attack order) reordered shard by shard, so a run stopped at
+    any point holds whole shards (every attack of every entry on the same examples). An
+    attack with ``reads_all_shards`` (top_settings: the run's k strongest grid settings) is a
+    barrier: it and every later attack run shard by shard only after every shard of the
+    attacks before it. Stable within a shard (the registry's order)."""
+    phase, k = {}, 0
+    for key in list_attacks():
+        if getattr(get_attack(key), "reads_all_shards", False):
+            k += 1
+        phase[key] = k
+    return sorted(plan, key=lambda p: (phase[p[2]], p[3]))
 
 
 def _uid(p) -> str:
@@ -374,7 +402,8 @@ def resolve_workers(workers, cfg: RunConfig, world: int = 1):
 def _unit_deps(todo, cfg=None):
     """For each unit of ``todo`` (plan order), the indices of the units it waits for: the units
     of the same shard and model with a lower attack ``order`` (an attack may read the records
-    of an earlier attack of its model: top_settings and adaptive read the grid's); an attack
+    of an earlier attack of its model: top_settings and adaptive read the grid's), of every
+    shard for an attack with ``reads_all_shards`` (top_settings); an attack
     with ``reads_all_models`` (transfer: the sources' strongest grid settings) waits for every
     lower-order unit of its shard; one whose ``first_shard_first`` (the pruned grid) waits
     for its entry's unit on the first shard of the plan."""
@@ -383,8 +412,9 @@ def _unit_deps(todo, cfg=None):
     for j, (m, d, attack, lo, hi) in enumerate(todo):
         spec = get_attack(attack)
         wide = getattr(spec, "reads_all_models", False)
+        every_shard = getattr(spec, "reads_all_shards", False)
         dep = {k for k, (m2, _d2, a2, lo2, _h2) in enumerate(todo[:j])
-               if lo2 == lo and get_attack(a2).order < spec.order
+               if (lo2 == lo or every_shard) and get_attack(a2).order < spec.order
                and (wide or m2.key == m.key)}
         opts = cfg.attacks.get(attack, {}) if cfg is not None else {}
         if lo != first and spec.first_shard_first(opts):

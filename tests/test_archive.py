@@ -158,3 +158,130 @@ def test_git_outside_a_work_tree_warns_once_and_keeps_archiving(checkpoints, tmp
     assert len(list((arch / "units").rglob("*.jsonl.gz"))) == 3
     err = capsys.readouterr().err
     assert err.count("is not inside a git work tree") == 1
+
+
+def test_each_unit_is_archived_when_it_finishes_not_only_at_the_end(checkpoints, tmp_path,
+                                                                     monkeypatch):
+    # without the end-of-run sync, the units are still archived one by one
+    import benchmark.runner as runner
+    monkeypatch.setattr(runner, "_archive_finish", lambda *a, **k: None)
+    arch = tmp_path / "arch"
+    evaluate(from_dict(_raw(checkpoints, tmp_path / "s", archive=str(arch))), progress=False,
+             stop_after_units=4)
+    assert len(list((arch / "units").rglob("*.jsonl.gz"))) == 4
+
+
+def test_a_failing_unit_is_raised_and_the_finished_ones_are_archived(checkpoints, tmp_path,
+                                                                    monkeypatch):
+    import benchmark.runner as runner
+    real = runner._run_unit
+    calls = {"n": 0}
+
+    def boom(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(runner, "_run_unit", boom)
+    arch = tmp_path / "arch"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(from_dict(_raw(checkpoints, tmp_path / "s", archive=str(arch))), progress=False)
+    assert len(list((arch / "units").rglob("*.jsonl.gz"))) == 2
+    meta = json.loads((arch / "run.json").read_text())
+    assert not meta.get("complete") and meta["invocations"][-1]["done"] == 2
+
+
+def test_a_subset_run_never_marks_the_archive_complete(checkpoints, tmp_path):
+    arch = tmp_path / "arch"
+    raw = _raw(checkpoints, tmp_path / "s", archive=str(arch))
+    res = evaluate(from_dict(raw), progress=False, only={"grid"})
+    assert res["complete"]                       # the sweep's own plan is done
+    meta = json.loads((arch / "run.json").read_text())
+    assert not meta.get("complete") and "end_time" not in meta
+    res = evaluate(from_dict(raw), progress=False)
+    meta = json.loads((arch / "run.json").read_text())
+    assert meta["complete"] is True and meta["end_time"] > 0
+
+
+def test_computed_state_is_archived_and_restored(checkpoints, tmp_path):
+    # the early state chosen on validation data lives in the DB's meta: a rebuilt database
+    # must reuse it, not recompute it
+    arch = tmp_path / "arch"
+    res = evaluate(from_dict(_raw(checkpoints, tmp_path / "s", archive=str(arch))),
+                   progress=False)
+    with ResultsDB(res["db"], create=False) as db:
+        state = {k: v for k, v in db.meta().items() if k.startswith("early_select")}
+    assert state
+    meta = json.loads((arch / "run.json").read_text())
+    assert {k: meta["db_state"][k] for k in state} == state
+    rb = tmp_path / "rb.sqlite"
+    rebuild(arch, rb)
+    with ResultsDB(rb, create=False) as db:
+        assert {k: db.get_meta(k) for k in state} == state
+
+
+def test_commits_leave_a_users_staged_change_staged(checkpoints, repo, tmp_path):
+    (repo / "other.txt").write_text("staged\n")
+    _git(repo, "add", "other.txt")
+    arch = repo / "results" / "tiny"
+    evaluate(from_dict(_raw(checkpoints, tmp_path / "s", archive={"dir": str(arch), "git": True,
+                                                                  "every_s": 0})),
+             progress=False, stop_after_units=2)
+    assert _git(repo, "diff", "--cached", "--name-only").split() == ["other.txt"]
+    assert "other.txt" not in _git(repo, "show", "--name-only", "--format=", "HEAD")
+
+
+def test_every_s_throttles_commits(checkpoints, repo, tmp_path):
+    arch = repo / "results" / "tiny"
+    evaluate(from_dict(_raw(checkpoints, tmp_path / "s", archive={"dir": str(arch), "git": True,
+                                                                  "every_s": 3600})),
+             progress=False, stop_after_units=4)
+    msgs = _git(repo, "log", "--format=%s").splitlines()
+    # the forced commits at start and stop only, none per unit
+    assert msgs[:2] == ["results: tiny: 4/36 units", "results: tiny: 0/36 units (start)"]
+
+
+def test_a_truncated_archived_unit_is_an_error_naming_it(checkpoints, tmp_path):
+    arch = tmp_path / "arch"
+    raw = _raw(checkpoints, tmp_path / "s", archive=str(arch))
+    evaluate(from_dict(raw), progress=False, stop_after_units=1)
+    f = next((arch / "units").rglob("*.jsonl.gz"))
+    f.write_bytes(f.read_bytes()[:-20])
+    (f.parent / "x.jsonl.gz.tmp").write_bytes(b"half")
+    shutil.rmtree(tmp_path / "s")
+    with pytest.raises(ArchiveError, match=f.name):
+        evaluate(from_dict(raw), progress=False, stop_after_units=1)
+    assert not (f.parent / "x.jsonl.gz.tmp").exists()
+
+
+@pytest.mark.parametrize("order,workers", [("shard", 1), ("shard", 2), ("attack", 2)])
+def test_top_settings_are_the_runs_whatever_the_unit_order(checkpoints, tmp_path, order,
+                                                           workers):
+    # top_settings reads the grid of EVERY shard (reads_all_shards): every shard's Table 4
+    # uses the run's k strongest settings, also shard by shard and with two workers
+    raw = _raw(checkpoints, tmp_path / "s", unit_order=order,
+               models=[{"name": "deq_tiny_fashion_mnist", "checkpoint": checkpoints["deq"]}])
+    raw["attacks"] = {"grid": {"steps": 2, "kas": [1, 5], "lams": [0.5, 1.0], "mode": "full"},
+                      "top_settings": {"k": 1, "attacks": ["apgd-ce"],
+                                       "budget": {"apgd_n_iter": 2}}}
+    res = evaluate(from_dict(raw), progress=False, workers=workers)
+    with ResultsDB(res["db"], create=False) as db:
+        rec = db.records_frame()
+    grid = rec[(rec.attack == "grid") & (rec.setting != "worst")]
+    broken = (1 - grid.correct).groupby(grid.setting).sum()
+    best = sorted(broken.index, key=lambda s: (-broken[s], s))[0]
+    tops = rec[rec.attack == "top_settings"]
+    assert set(tops.setting) == {f"apgd-ce@{best}"}
+    assert tops.groupby("unit_id").ngroups == 3
+
+
+def test_shard_major_order_puts_run_wide_readers_after_every_shard():
+    from types import SimpleNamespace
+    from benchmark.runner import shard_major
+    m = SimpleNamespace(key="m")
+    plan = [(m, "final", a, lo, lo + 4) for a in ("clean", "pgd", "grid", "top_settings",
+                                                  "autoattack", "checks") for lo in (0, 4, 8)]
+    out = [(p[2], p[3]) for p in shard_major(plan)]
+    assert out == ([(a, lo) for lo in (0, 4, 8) for a in ("clean", "pgd", "grid")]
+                   + [(a, lo) for lo in (0, 4, 8) for a in ("top_settings", "autoattack",
+                                                             "checks")])

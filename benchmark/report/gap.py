@@ -66,9 +66,10 @@ def reduction_gap(reduced, full) -> dict:
             raise ValueError(f"{key[0]}|{key[1]}: the two runs disagree on clean correctness of "
                              "the same examples (different weights or forward?)")
         fams = [c for c in ("grid", "autoattack") if c in r.columns and c in f.columns]
-        worst_full = f.drop(columns=["clean", "ALL"]).min(axis=1)
+        attacks_full = f.drop(columns=["clean", "ALL"])
         pairs = [(c, r[c], f[c]) for c in fams]
-        pairs.append(("ALL", r["ALL"], np.minimum(r["ALL"], worst_full)))
+        if attacks_full.shape[1]:   # the full run attacked this entry at all
+            pairs.append(("ALL", r["ALL"], np.minimum(r["ALL"], attacks_full.min(axis=1))))
         for fam, a, b in pairs:
             pc = paired_comparison(a.to_numpy(), b.to_numpy())
             n = len(idx)

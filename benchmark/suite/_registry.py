@@ -116,13 +116,17 @@ class ProtocolAttack:
     position: units of lower order run first, so an attack that reads another's records --
     top_settings reads grid -- must come later), ``always`` (runs without a config section:
     clean), ``reads_all_models`` (its units read other models' records of the same shard, so a
-    parallel run waits for every earlier unit of the shard, not only its model's), ``pinned``
-    (a parallel run sends all its units to one worker, which keeps its ``cache``)."""
+    parallel run waits for every earlier unit of the shard, not only its model's),
+    ``reads_all_shards`` (its units read its entry's lower-order records of EVERY shard --
+    top_settings: the k settings that broke the most examples of the run -- so each waits for
+    them, and ``unit_order: shard`` runs it only after every shard's lower-order units),
+    ``pinned`` (a parallel run sends all its units to one worker, which keeps its ``cache``)."""
     key: ClassVar[str] = ""
     options: ClassVar[dict] = {}
     order: ClassVar[float] = 100.0
     always: ClassVar[bool] = False
     reads_all_models: ClassVar[bool] = False
+    reads_all_shards: ClassVar[bool] = False
     pinned: ClassVar[bool] = False
 
     def check(self, opts: dict, cfg, attacks: dict) -> None:

@@ -14,8 +14,9 @@ from benchmark.suite.autoattack import check_autoattack_options
 
 def top_settings(db, mkey, dkey, k: int) -> list:
     """The ``k`` grid settings that broke the most examples of the run (ties by name). Every
-    grid unit precedes every top_settings unit in the plan, so all shards of a single-process
-    run get the same settings (under torchrun: those of the rank's own shards)."""
+    unit waits for its entry's grid units of every shard (``reads_all_shards``: the runner's
+    unit dependencies and plan order), so all shards of a run get the same settings, whatever
+    the unit order or number of workers (under torchrun: those of the rank's own shards)."""
     rows = db.conn.execute(
         "SELECT setting, SUM(1 - correct) AS broken FROM records WHERE model = ? AND defense = ? "
         "AND attack = 'grid' AND setting != 'worst' "
@@ -28,6 +29,7 @@ class TopSettings(ProtocolAttack):
     options = {"k": 3, "attacks": ["apgd-ce", "square"], "budget": None,
                "on_test_time_defenses": False}
     order = 30
+    reads_all_shards = True
 
     def check(self, opts, cfg, attacks):
         if "grid" not in attacks:
