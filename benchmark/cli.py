@@ -529,8 +529,23 @@ def _apply_archive_arg(cfg, args) -> None:
         cfg.archive = check_archive({**(cfg.archive or {"git": False}), "dir": args.archive})
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a scheduler's or `kill`'s stop) ends the run like Ctrl-C: finished units stay
+    committed, the archive is written and committed, workers are stopped. (Python's default
+    would end the process at once, skipping that; a background job also ignores SIGINT.)"""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"stopped by signal {signum}")
+    try:
+        signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (e.g. an embedding application): leave it
+        pass
+
+
 def _evaluate_cmd(args, only=None, title="evaluate"):
     """``only``: None (everything), or cfg -> the set of attacks to run."""
+    _stop_on_sigterm()
     from benchmark.run_config import load_run_config
     from benchmark.runner import evaluate
     cfg = load_run_config(args.config)
@@ -633,6 +648,7 @@ def cmd_transfer(args):
 
 
 def cmd_leaderboard(args):
+    _stop_on_sigterm()
     from benchmark.reports import leaderboard_from_db
     from benchmark.run_config import load_run_config
     from benchmark.runner import evaluate
@@ -950,6 +966,10 @@ def main(argv=None) -> int:
     try:
         _check_device_arg(args)
         return args.func(args)
+    except KeyboardInterrupt:
+        print("deqbench: stopped; finished work units are kept (and archived, with archive:); "
+              "run the same command again to continue", file=sys.stderr)
+        return 130
     except (ValueError, KeyError, RuntimeError, OSError, sqlite3.DatabaseError) as e:
         # Known user errors (ConfigError, InputError, DatasetError, CheckpointError,
         # ResultsDBError, UsageError, missing files ...): one clear line, no traceback.

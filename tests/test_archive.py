@@ -285,3 +285,33 @@ def test_shard_major_order_puts_run_wide_readers_after_every_shard():
     assert out == ([(a, lo) for lo in (0, 4, 8) for a in ("clean", "pgd", "grid")]
                    + [(a, lo) for lo in (0, 4, 8) for a in ("top_settings", "autoattack",
                                                              "checks")])
+
+
+def test_sigterm_stops_the_cli_gracefully_and_archives_what_finished(checkpoints, tmp_path):
+    import signal
+    import sys
+    import time
+    import yaml
+    arch = tmp_path / "arch"
+    cfgp = tmp_path / "c.yaml"
+    cfgp.write_text(yaml.safe_dump(_raw(checkpoints, tmp_path / "s", archive=str(arch))))
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "DEQBENCH_WORKERS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "benchmark.cli", "evaluate", str(cfgp),
+                             "--quiet"], cwd=str(Path(__file__).resolve().parent.parent),
+                            env=env, stderr=subprocess.PIPE, text=True)
+    db = tmp_path / "s" / "tiny" / "results.sqlite"
+    t0 = time.time()
+    while time.time() - t0 < 120:
+        if len(list((arch / "units").rglob("*.jsonl.gz"))) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err
+    assert "stopped; finished work units are kept" in err
+    with ResultsDB(db, create=False) as d:
+        done = d.done_units()
+    assert 3 <= len(done) < PLANNED
+    assert set(Archive({"dir": str(arch)}, None).archived()) == done
+    meta = json.loads((arch / "run.json").read_text())
+    assert meta["invocations"][-1]["done"] == len(done)
