@@ -141,19 +141,24 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--partial", action="store_true",
                     help="publish an incomplete run's finished units (not for the committed "
                          "leaderboard)")
+    ap.add_argument("--folder", default=FOLDER, help=f"leaderboard folder (default {FOLDER})")
+    ap.add_argument("--archive", default=ARCHIVE, help=f"the run's archive (default {ARCHIVE})")
+    ap.add_argument("--full-archive", default=FULL_ARCHIVE,
+                    help=f"the full-budget run's archive (default {FULL_ARCHIVE})")
     args = ap.parse_args(argv)
+    kw = dict(folder=args.folder, archive=args.archive, full_archive=args.full_archive)
     try:
         if args.check:
-            diffs = check()
+            diffs = check(**kw)
             for d in diffs:
                 print(d, file=sys.stderr)
             if diffs:
                 print("the committed leaderboard is not what its committed results render to: "
                       "run `python -m benchmark.publish` and commit", file=sys.stderr)
                 return 1
-            print(f"{FOLDER}: identical to its re-rendering from {ARCHIVE}")
+            print(f"{args.folder}: identical to its re-rendering from {args.archive}")
             return 0
-        dest = publish(partial=args.partial)
+        dest = publish(partial=args.partial, **kw)
         print(f"published {dest}")
         return 0
     except PublishError as e:
