@@ -971,7 +971,8 @@ def test_workers_argument_and_dependencies(checkpoints, tmp_path, monkeypatch):
     deps = _unit_deps(todo)
     assert deps[0] == set() and deps[1] == set()
     assert deps[2] == {0} and deps[3] == set()          # its model's earlier units, same shard
-    assert deps[4] == {0, 2}                             # top_settings reads the grid
+    # top_settings reads its model's grid of EVERY shard (the run's k strongest settings)
+    assert deps[4] == {0, 2, 3}
     assert deps[5] == {0, 1, 2, 4}                       # transfer reads every model's grid
     # the pruned grid's later shards wait for the first one (its calibration is reused)
     pruned = from_dict({**_raw(checkpoints, tmp_path), "attacks": {
