@@ -116,9 +116,7 @@ def check(folder: str = FOLDER, archive: str = ARCHIVE, full_archive: str = FULL
         names = {p.name for p in new.iterdir()} | {p.name for p in dest.iterdir()}
         for name in sorted(names):
             a, b = new / name, dest / name
-            if name.endswith(".png"):
-                continue
-            if not name.endswith(CHECKED_SUFFIXES):
+            if not name.endswith(CHECKED_SUFFIXES):   # figures (PNG): only required to exist
                 continue
             if not b.is_file():
                 diffs.append(f"{folder}/{name}: missing from the committed folder")
