@@ -46,6 +46,24 @@ def test_publish_then_check_on_a_tiny_archived_run(checkpoints, tmp_path):
     assert all("figure missing" in line for line in out.stderr.splitlines()
                if line.startswith(str(lb))), out.stderr
     assert "differs" not in out.stderr and "missing from" not in out.stderr, out.stderr
+    # the README block: one row per entry with the entries' own numbers and intervals
+    from benchmark.leaderboard import read_entries
+    block = pub.readme_block(lb)
+    entries = read_entries(lb)
+    for e in entries:
+        row = next(line for line in block.splitlines() if f"| {e['name']} |" in line)
+        lo, hi = e["deq"]["ci95"]["ALL"]
+        assert f"**{float(e['deq']['worst_case_acc']):.2f} [{lo:.1f}, {hi:.1f}]**" in row
+        lo, hi = e["deq"]["ci95"]["clean"]
+        assert f"{float(e['clean_acc']):.2f} [{lo:.1f}, {hi:.1f}]" in row
+    n = entries[0]["deq"]["n_examples"]
+    assert f"What n = {n:,} resolves" in block
+    assert "1. Intermediate-state attacks beat the final-state attack" in block   # claims
+    text = f"intro\n{pub.README_BEGIN}\nold table\n{pub.README_END}\nrest\n"
+    assert pub.readme_with_block(text, block) == (f"intro\n{pub.README_BEGIN}\n{block}"
+                                                  f"{pub.README_END}\nrest\n")
+    with pytest.raises(pub.PublishError, match="markers"):
+        pub.readme_with_block("no markers here", block)
     md = lb / "leaderboard.md"
     md.write_text(md.read_text().replace("| 1 |", "| 9 |", 1))
     entry = next(p for p in lb.glob("*.json") if p.name not in ("claims.json",))
