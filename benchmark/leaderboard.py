@@ -139,7 +139,7 @@ TTD_INTRO = ("Defenses that optimize their input at inference (Sec. 3.2), ranked
              "'unreliable' (greyed) unless the whole adaptive protocol ran at the standard budget.")
 OUTPUT_NAMES = {"md": "leaderboard.md", "csv": "leaderboard.csv", "html": "leaderboard.html"}
 #: JSON files of a leaderboard folder that are not entries (the claims' verdicts, a copy)
-NON_ENTRY_FILES = ("claims.json",)
+NON_ENTRY_FILES = ("claims.json", "gap.json")
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _MAX_NAME = 200
@@ -518,6 +518,7 @@ def write_entry(entry: dict, root: os.PathLike | str = "leaderboards") -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes it 0600; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -526,6 +527,12 @@ def write_entry(entry: dict, root: os.PathLike | str = "leaderboards") -> Path:
             pass
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_entries(folder: os.PathLike | str) -> list[dict]:

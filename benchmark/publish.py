@@ -158,7 +158,8 @@ def readme_block(folder, label: Optional[str] = None) -> str:
         tell = "; ".join(f"{c['a']} vs {c['b']}: "
                          f"{100 * c['comparison']['diff']:+.1f} points, McNemar p = "
                          f"{c['comparison']['p']:.2g}" for c in sep)
-        out.append(f"Of the {len(neigh)} neighbouring pairs in the overall order (ALL, paired), "
+        out.append(f"Of the {len(neigh)} neighbouring pairs in the overall order by ALL (test-time "
+                   "defenses included; paired), "
                    + (f"{len(sep)} {'is' if len(sep) == 1 else 'are'} separated at 0.05: {tell}; "
                       "every other neighbouring difference is inconclusive at this n."
                       if sep else "none is separated at 0.05: all inconclusive at this n."))
@@ -167,7 +168,9 @@ def readme_block(folder, label: Optional[str] = None) -> str:
         claims = json.loads(cl.read_text()).get("claims") or []
         out += ["", "The paper's claims (`claims.md`: the tests, effects, intervals, raw and "
                 "Holm-adjusted p):", ""]
-        out += [f"{c['id']}. {c['title']}: **{c['verdict']}**" for c in claims]
+        from benchmark.report.claims import tally
+        out += [f"{c['id']}. {c['title']}: **{c['verdict']}** ({tally(c)} tests)"
+                for c in claims]
     gp = folder / "gap.json"
     if gp.is_file():
         g = json.loads(gp.read_text())

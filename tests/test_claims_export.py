@@ -116,6 +116,15 @@ def test_claims_cli_writes_md_json_and_leaderboard_copy(claims_run, tmp_path, ca
     assert "Verdict rule: two-sided test at alpha = 0.05 on the Holm-adjusted p" in md
     assert "## 7. Sec. 3.2, Sec. 3.3 and both raise ALL over their baselines (Table 1): contradicted" in md
     assert "not measured: the run has no transfer records" in md
+    assert "a claim is supported when all its tests are, contradicted when any is" in md
+    c7 = data["claims"][6]
+    vs = [t["verdict"] for t in c7["tests"]]
+    assert cl.tally(c7).endswith(f"of {len(vs)}") and f"{vs.count('contradicted')} contradicted" \
+        in cl.tally(c7)
+    assert f"| 7 | {c7['title']} | **contradicted** | {cl.tally(c7)} |" in md
+    assert cl.tally({"tests": []}) == "-"
+    assert cl.tally({"tests": [{"verdict": "supported"}, {"verdict": "inconclusive at this n"},
+                               {"verdict": "supported"}]}) == "2 supported, 1 inconclusive of 3"
     assert main(["claims", str(tmp_path / "nothing")]) == 2
     assert "no results database" in capsys.readouterr().err
 

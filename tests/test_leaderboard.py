@@ -189,6 +189,12 @@ def test_write_read_round_trip_and_formatting(tmp_path):
     assert lb.read_entries(tmp_path / "cifar10-Linf") == [cifar]
     assert lb.read_entries(tmp_path / "fashion_mnist-Linf") == [fmnist]
     assert sorted(p.name for p in (tmp_path / "cifar10-Linf").iterdir()) == ["deq_cifar.json"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert p1.stat().st_mode & 0o777 == 0o666 & ~mask          # not mkstemp's 0600
+    for other in ("claims.json", "gap.json"):                  # published beside the entries
+        (tmp_path / "fashion_mnist-Linf" / other).write_text('{"claims": []}')
+    assert lb.read_entries(tmp_path / "fashion_mnist-Linf") == [fmnist]
 
 
 # --------------------------------------------------------------------------------------------

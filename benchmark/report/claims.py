@@ -36,7 +36,8 @@ __all__ = ["CLAIMS", "RULE", "entropy_statistics", "evaluate_claims", "write_cla
 
 RULE = ("two-sided test at alpha = 0.05 on the Holm-adjusted p (over all tests below); "
         "supported = significant with the paper's sign, contradicted = significant with the "
-        "opposite sign, inconclusive at this n = not significant")
+        "opposite sign, inconclusive at this n = not significant; a claim is supported when all "
+        "its tests are, contradicted when any is, inconclusive otherwise")
 
 #: (id, short title, the paper's statement with its number)
 CLAIMS = [
@@ -431,6 +432,16 @@ def evaluate_claims(src) -> dict:
             "tests": len(flat), "claims": claims}
 
 
+def tally(claim: dict) -> str:
+    """How a claim's tests split, e.g. ``1 supported, 1 contradicted of 2``."""
+    vs = [t["verdict"] for t in claim["tests"]]
+    if not vs:
+        return "-"
+    parts = [f"{vs.count(v)} {v.replace(' at this n', '')}"
+             for v in ("supported", "contradicted", "inconclusive at this n") if v in vs]
+    return f"{', '.join(parts)} of {len(vs)}"
+
+
 def _fmt_ci(t):
     lo, hi = t["ci95"]
     if t.get("unit") == "points":
@@ -442,9 +453,9 @@ def to_markdown(res: dict) -> str:
     lines = [f"# The paper's claims on this run ({res['dataset']}, eps = {res['eps']}, "
              f"n = {res['n']})", "", f"Verdict rule: {res['rule']}. Effects are signed so that "
              "positive is the paper's direction.", "",
-             "| # | claim | verdict |", "|---:|---|---|"]
+             "| # | claim | verdict | tests |", "|---:|---|---|---|"]
     for c in res["claims"]:
-        lines.append(f"| {c['id']} | {c['title']} | **{c['verdict']}** |")
+        lines.append(f"| {c['id']} | {c['title']} | **{c['verdict']}** | {tally(c)} |")
     for c in res["claims"]:
         lines += ["", f"## {c['id']}. {c['title']}: {c['verdict']}", "",
                   f"Paper: {c['paper']}", ""]
