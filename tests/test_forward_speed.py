@@ -3,6 +3,7 @@ SAME numbers as the old code paths (tolerance: bitwise, torch.equal), with the s
 evaluation counts. The old paths stay reachable: ``EntropyReduction(kernels='reference')`` and
 ``model_zoo.forward.legacy_kernels()`` (Broyden copying its memory, MDEQ cells recomputing
 constant fusion terms)."""
+import math
 import pytest
 import torch
 
@@ -186,6 +187,11 @@ def test_compare_old_bench_reports_ratios_counts_and_equality(tmp_path, capsys):
     for k in ("old", "new"):
         assert rows[k]["logits_bitwise_equal_old"] and rows[k]["x_used_bitwise_equal_old"]
         assert (rows[k]["f_nograd_per_sample"], rows[k]["f_grad_per_sample"]) == (22, 6)
-        assert rows[k]["ratio_vs_plain"] > 1
+        # a ratio of two timings (batch 3, one round): only its form is testable here, its
+        # value is measured by the bench, never asserted in a test
+        assert math.isfinite(rows[k]["ratio_vs_plain"]) and rows[k]["ratio_vs_plain"] > 0
+    for k in ("plain[old]", "plain[new]"):
+        assert rows[k]["ratio_vs_plain"] == 1.0 and rows[k]["speedup_vs_old"] is None
+        assert (rows[k]["f_nograd_per_sample"], rows[k]["f_grad_per_sample"]) == (19, 0)
     assert [r["bitwise_equal"] for r in res["broyden"]] == [True, True]
     assert "time ratio vs plain" in capsys.readouterr().out
