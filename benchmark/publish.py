@@ -173,21 +173,11 @@ def readme_block(folder, label: Optional[str] = None) -> str:
                 for c in claims]
     gp = folder / "gap.json"
     if gp.is_file():
+        from benchmark.report.gap import table_lines
         g = json.loads(gp.read_text())
         out += ["", f"What the reduced budgets miss (`gap.md`; full run: {g['full_budget']['grid']}"
                 f"; AutoAttack {g['full_budget']['autoattack']}), paired on the same examples:",
-                "", "| entry | attack | n | reduced | full | broken only by full [95% CI] | "
-                "difference [95% CI] | McNemar p | conclusion |",
-                "|---|---|---:|---:|---:|---|---|---:|---|"]
-        for r in g["rows"]:
-            lo, hi = r["broken_only_by_full_ci95"]
-            dlo, dhi = r["difference_ci95"]
-            entry = r["model"] + ("" if r["defense"] == "final" else f"+{r['defense']}")
-            out.append(f"| {entry} | {r['what']} | {r['n']} | {100 * r['reduced']:.1f} | "
-                       f"{100 * r['full']:.1f} | {r['broken_only_by_full']} "
-                       f"[{100 * lo:.1f}, {100 * hi:.1f}]% | {100 * r['difference']:+.1f} "
-                       f"[{100 * dlo:+.1f}, {100 * dhi:+.1f}] | {r['p']:.3g} | "
-                       f"{r['conclusion']} |")
+                ""] + table_lines(g["rows"])
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -95,19 +95,12 @@ def reduction_gap(reduced, full) -> dict:
             "rows": rows}
 
 
-def to_markdown(res: dict) -> str:
-    lines = ["# What the reduced protocol misses (paired, same examples)", "",
-             f"Reduced: `{res['reduced_run']}` (grid: {res['reduced_budget']['grid']}; "
-             f"AutoAttack: {res['reduced_budget']['autoattack']}).  ",
-             f"Full: `{res['full_run']}` (grid: {res['full_budget']['grid']}; AutoAttack: "
-             f"{res['full_budget']['autoattack']}).", "",
-             "Accuracies in %. 'broken only by full' = examples the reduced version held and the "
-             "full version broke, with the exact 95% interval of that share; difference = "
-             "reduced - full with Newcombe's 95% interval and the exact McNemar p.", "",
-             "| entry | attack | n | reduced | full | broken only by full [95% CI] | only by "
+def table_lines(rows: list) -> list:
+    """The gap table (Markdown lines), for ``gap.md`` and the README's leaderboard block."""
+    lines = ["| entry | attack | n | reduced | full | broken only by full [95% CI] | only by "
              "reduced | difference [95% CI] | McNemar p | conclusion |",
              "|---|---|---:|---:|---:|---|---:|---|---:|---|"]
-    for r in res["rows"]:
+    for r in rows:
         lo, hi = r["broken_only_by_full_ci95"]
         dlo, dhi = r["difference_ci95"]
         entry = r["model"] + ("" if r["defense"] == "final" else f"+{r['defense']}")
@@ -117,8 +110,21 @@ def to_markdown(res: dict) -> str:
             f"({100 * r['broken_only_by_full'] / r['n']:.1f}%) [{100 * lo:.1f}, {100 * hi:.1f}] | "
             f"{r['broken_only_by_reduced']} | {100 * r['difference']:+.1f} "
             f"[{100 * dlo:+.1f}, {100 * dhi:+.1f}] | {r['p']:.3g} | {r['conclusion']} |")
-    if not res["rows"]:
+    if not rows:
         lines.append("| (no entry is in both runs on common examples) | | | | | | | | | |")
+    return lines
+
+
+def to_markdown(res: dict) -> str:
+    lines = ["# What the reduced protocol misses (paired, same examples)", "",
+             f"Reduced: `{res['reduced_run']}` (grid: {res['reduced_budget']['grid']}; "
+             f"AutoAttack: {res['reduced_budget']['autoattack']}).  ",
+             f"Full: `{res['full_run']}` (grid: {res['full_budget']['grid']}; AutoAttack: "
+             f"{res['full_budget']['autoattack']}).", "",
+             "Accuracies in %. 'broken only by full' = examples the reduced version held and the "
+             "full version broke, with the exact 95% interval of that share; difference = "
+             "reduced - full with Newcombe's 95% interval and the exact McNemar p.", "",
+             ] + table_lines(res["rows"])
     return "\n".join(lines) + "\n"
 
 
