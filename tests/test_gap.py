@@ -59,7 +59,11 @@ def test_gap_counts_by_hand():
         == (0.6, 0.3, 3, 0)
     assert "Ka in [1, 5]" in res["reduced_budget"]["grid"]
     md = to_markdown(res)
-    assert "| m | worst case (ALL) | 10 | 60.0 | 30.0 | 3 (30.0%)" in md
+    assert g["ci95"] == {"reduced": pytest.approx(list(clopper_pearson(6, 10))),
+                         "full": pytest.approx(list(clopper_pearson(4, 10)))}
+    lo, hi = (100 * v for v in clopper_pearson(3, 10))
+    assert (f"| m | worst case (ALL) | 10 | 60.0 [26.2, 87.8] | 30.0 [{lo:.1f}, {hi:.1f}] | "
+            "3 (30.0%)") in md
     assert "inconclusive at this n" in md
 
 

@@ -79,6 +79,8 @@ def reduction_gap(reduced, full) -> dict:
             rows.append({
                 "model": key[0], "defense": key[1], "attack": fam, "what": WHAT[fam], "n": n,
                 "reduced": float(a.mean()), "full": float(b.mean()),
+                "ci95": {"reduced": list(clopper_pearson(int(a.sum()), n)),
+                         "full": list(clopper_pearson(int(b.sum()), n))},
                 "broken_only_by_full": only_full, "broken_only_by_full_ci95": [lo, hi],
                 "broken_only_by_reduced": only_red,
                 "difference": pc.diff, "difference_ci95": [float(x) for x in pc.ci95],
@@ -97,16 +99,19 @@ def reduction_gap(reduced, full) -> dict:
 
 def table_lines(rows: list) -> list:
     """The gap table (Markdown lines), for ``gap.md`` and the README's leaderboard block."""
-    lines = ["| entry | attack | n | reduced | full | broken only by full [95% CI] | only by "
+    lines = ["| entry | attack | n | reduced [95% CI] | full [95% CI] | broken only by full "
+             "[95% CI] | only by "
              "reduced | difference [95% CI] | McNemar p | conclusion |",
              "|---|---|---:|---:|---:|---|---:|---|---:|---|"]
     for r in rows:
         lo, hi = r["broken_only_by_full_ci95"]
         dlo, dhi = r["difference_ci95"]
         entry = r["model"] + ("" if r["defense"] == "final" else f"+{r['defense']}")
+        acc = {k: f"{100 * r[k]:.1f} [{100 * r['ci95'][k][0]:.1f}, {100 * r['ci95'][k][1]:.1f}]"
+               for k in ("reduced", "full")}
         lines.append(
-            f"| {entry} | {r['what']} | {r['n']} | {100 * r['reduced']:.1f} | "
-            f"{100 * r['full']:.1f} | {r['broken_only_by_full']} "
+            f"| {entry} | {r['what']} | {r['n']} | {acc['reduced']} | "
+            f"{acc['full']} | {r['broken_only_by_full']} "
             f"({100 * r['broken_only_by_full'] / r['n']:.1f}%) [{100 * lo:.1f}, {100 * hi:.1f}] | "
             f"{r['broken_only_by_reduced']} | {100 * r['difference']:+.1f} "
             f"[{100 * dlo:+.1f}, {100 * dhi:+.1f}] | {r['p']:.3g} | {r['conclusion']} |")
@@ -121,7 +126,8 @@ def to_markdown(res: dict) -> str:
              f"AutoAttack: {res['reduced_budget']['autoattack']}).  ",
              f"Full: `{res['full_run']}` (grid: {res['full_budget']['grid']}; AutoAttack: "
              f"{res['full_budget']['autoattack']}).", "",
-             "Accuracies in %. 'broken only by full' = examples the reduced version held and the "
+             "Accuracies in %, with exact 95% Clopper-Pearson intervals. 'broken only by full' = "
+             "examples the reduced version held and the "
              "full version broke, with the exact 95% interval of that share; difference = "
              "reduced - full with Newcombe's 95% interval and the exact McNemar p.", "",
              ] + table_lines(res["rows"])
