@@ -406,16 +406,22 @@ def _unit_deps(todo, cfg=None):
     shard for an attack with ``reads_all_shards`` (top_settings); an attack
     with ``reads_all_models`` (transfer: the sources' strongest grid settings) waits for every
     lower-order unit of its shard; one whose ``first_shard_first`` (the pruned grid) waits
-    for its entry's unit on the first shard of the plan."""
+    for its entry's unit on the first shard of the plan. An attack that declares ``reads``
+    waits only for the units of those attacks and of ``clean`` (which resolves the entry's
+    defense first): the others may run beside it, so e.g. transfer no longer waits for every
+    entry's AutoAttack and checks. Which units run when never changes a record (each unit is
+    seeded by its own id and reads only what it declares)."""
     deps = []
     first = min((t[3] for t in todo), default=0)
     for j, (m, d, attack, lo, hi) in enumerate(todo):
         spec = get_attack(attack)
         wide = getattr(spec, "reads_all_models", False)
         every_shard = getattr(spec, "reads_all_shards", False)
+        reads = getattr(spec, "reads", None)
         dep = {k for k, (m2, _d2, a2, lo2, _h2) in enumerate(todo[:j])
                if (lo2 == lo or every_shard) and get_attack(a2).order < spec.order
-               and (wide or m2.key == m.key)}
+               and (wide or m2.key == m.key)
+               and (reads is None or a2 == "clean" or a2 in reads)}
         opts = cfg.attacks.get(attack, {}) if cfg is not None else {}
         if lo != first and spec.first_shard_first(opts):
             dep |= {k for k, (m2, d2, a2, lo2, _h2) in enumerate(todo[:j])
@@ -452,7 +458,8 @@ def _run_parallel(cfg, path, todo, n_workers, threads, rank, bar, on_done=None):
     """Run ``todo`` on ``n_workers`` local processes, each unit once its dependencies
     (:func:`_unit_deps`) are committed; the ready unit earliest in plan order goes to the next
     idle worker. Units of an attack with ``pinned = True`` (transfer: its cache of crafted
-    examples is shared by every target) all go to worker 0. A unit that fails stops the run:
+    examples is shared by every target) all go to worker 0, which takes them before any other
+    ready unit. A unit that fails stops the run:
     finished units stay committed, the error is raised here."""
     import multiprocessing as mp
     import queue as _queue
@@ -471,8 +478,13 @@ def _run_parallel(cfg, path, todo, n_workers, threads, rank, bar, on_done=None):
     try:
         while len(done) < len(todo):
             for w in list(idle):
-                pick = next((j for j in pending if deps[j] <= done
-                             and (not pinned[j] or w == 0)), None)
+                # worker 0 alone may run pinned units: it takes a ready one first, so they do
+                # not pile up at the end while the other workers idle
+                pick = next((j for j in pending if w == 0 and pinned[j] and deps[j] <= done),
+                            None)
+                if pick is None:
+                    pick = next((j for j in pending if deps[j] <= done
+                                 and (not pinned[j] or w == 0)), None)
                 if pick is None:
                     continue
                 pending.remove(pick)

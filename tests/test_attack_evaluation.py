@@ -130,6 +130,37 @@ def test_fused_and_unfused_judged_module_agree_exactly(deq, reported):
         assert c_f[1] == c_u[1] and c_f[0] < c_u[0], (c_f, c_u)
 
 
+@pytest.mark.parametrize("reported", [mz.FinalState(), mz.EarlyState(5), mz.FinalState(steps=3)],
+                         ids=["final", "early5", "final-steps3"])
+@pytest.mark.parametrize("source", ["phantom_final", "implicit_final"])
+def test_fused_final_state_gradients_agree_exactly(deq, reported, source):
+    """PhantomFinal / ImplicitFinal share the reported forward's solve (and, when their forward
+    IS the reported one, its readout): the same output, gradient and graph-carrying f
+    evaluations as unfused, with fewer no-grad ones."""
+    from attacks.surrogates import make_surrogate
+    x = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    w = torch.randn(5, 10, generator=torch.Generator().manual_seed(4))
+    res = {}
+    for fused in (True, False):
+        jm = JudgedModule(deq, reported, make_surrogate(source), fused=fused)
+        assert jm._can_fuse() is fused
+        xv = x.clone().requires_grad_(True)
+        before = (deq.f_evals.nograd, deq.f_evals.grad)
+        out = jm(xv)
+        (g,) = torch.autograd.grad((out * w).sum(), xv)
+        res[fused] = (out.detach(), g, (deq.f_evals.nograd - before[0],
+                                        deq.f_evals.grad - before[1]))
+    (o_f, g_f, c_f), (o_u, g_u, c_u) = res[True], res[False]
+    assert torch.equal(o_f, o_u) and torch.equal(g_f, g_u) and g_f.abs().sum() > 0
+    assert torch.equal(o_f, deq.run(x, defense=reported).logits.detach())
+    assert c_f[1] == c_u[1]
+    solve = deq.solver.max_iter + 1          # the no-grad f evaluations of one solve
+    # phantom_final IS the reported FinalState(): the whole reported forward is saved
+    saved = (solve + 10 if source == "phantom_final" and type(reported) is mz.FinalState
+             and reported.steps == 9 else solve)
+    assert c_u[0] - c_f[0] == saved * len(x), (c_f, c_u)
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. PGD
 # ---------------------------------------------------------------------------------------------

@@ -967,13 +967,28 @@ def test_workers_argument_and_dependencies(checkpoints, tmp_path, monkeypatch):
     m_deq, m_cnn = cfg.models
     todo = [(m_deq, "final", "clean", 0, 4), (m_cnn, "final", "clean", 0, 4),
             (m_deq, "final", "grid", 0, 4), (m_deq, "final", "grid", 4, 8),
-            (m_deq, "final", "top_settings", 0, 4), (m_cnn, "final", "transfer", 0, 4)]
+            (m_deq, "final", "top_settings", 0, 4), (m_cnn, "final", "transfer", 0, 4),
+            (m_deq, "final", "pgd", 0, 4), (m_deq, "final", "autoattack", 0, 4),
+            (m_deq, "final", "checks", 0, 4), (m_cnn, "final", "transfer", 4, 8),
+            (m_deq, "final", "strength", 0, 4)]
     deps = _unit_deps(todo)
     assert deps[0] == set() and deps[1] == set()
-    assert deps[2] == {0} and deps[3] == set()          # its model's earlier units, same shard
+    assert deps[2] == {0} and deps[3] == set()          # its model's clean unit, same shard
     # top_settings reads its model's grid of EVERY shard (the run's k strongest settings)
     assert deps[4] == {0, 2, 3}
-    assert deps[5] == {0, 1, 2, 4}                       # transfer reads every model's grid
+    # transfer reads every model's grid of its shard (and waits for the clean units), not
+    # the top_settings, AutoAttack or checks units planned before it
+    assert deps[5] == {0, 1, 2}
+    assert deps[6] == {0}                                # pgd reads nothing
+    assert deps[7] == {0, 2} and deps[8] == {0, 2}       # 'strongest': the grid of the shard
+    assert deps[9] == {3}                                # shard 4-8: its grid only
+    assert deps[10] == {0, 2, 6, 7}                      # strength: grid, pgd, autoattack
+
+    # an attack that does not declare what it reads waits for every lower-order unit
+    from benchmark.suite import get_attack
+    monkeypatch.setattr(type(get_attack("transfer")), "reads", None)
+    assert _unit_deps(todo)[5] == {0, 1, 2, 4}
+    monkeypatch.undo()
     # the pruned grid's later shards wait for the first one (its calibration is reused)
     pruned = from_dict({**_raw(checkpoints, tmp_path), "attacks": {
         "grid": {"steps": 2, "kas": [1], "lams": [1.0], "mode": "pruned", "calibration": 2}}})

@@ -120,7 +120,11 @@ class ProtocolAttack:
     ``reads_all_shards`` (its units read its entry's lower-order records of EVERY shard --
     top_settings: the k settings that broke the most examples of the run -- so each waits for
     them, and ``unit_order: shard`` runs it only after every shard's lower-order units),
-    ``pinned`` (a parallel run sends all its units to one worker, which keeps its ``cache``)."""
+    ``pinned`` (a parallel run sends all its units to one worker, which keeps its ``cache``),
+    ``reads`` (the keys of the lower-order attacks whose records or stored state its units
+    read -- transfer reads only the sources' grids -- so a parallel run waits only for those
+    units and the entry's clean unit; ``None``, the default, waits for every lower-order unit:
+    an attack that does not declare what it reads is never started too early)."""
     key: ClassVar[str] = ""
     options: ClassVar[dict] = {}
     order: ClassVar[float] = 100.0
@@ -128,6 +132,7 @@ class ProtocolAttack:
     reads_all_models: ClassVar[bool] = False
     reads_all_shards: ClassVar[bool] = False
     pinned: ClassVar[bool] = False
+    reads: ClassVar[Optional[tuple]] = None
 
     def check(self, opts: dict, cfg, attacks: dict) -> None:
         """Validate this attack's options beyond the generic ones the run config checks (known

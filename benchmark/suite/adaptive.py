@@ -70,6 +70,7 @@ class Adaptive(ProtocolAttack):
                "budget": None, "variants": list(ADAPTIVE_VARIANTS), "cheap": None,
                "checkpoint": False, "ensemble": False, "surrogate": "strongest"}
     order = 50
+    reads = ("grid",)  # transfer_surrogate: the undefended entry's strongest setting
 
     def check(self, opts, cfg, attacks):
         p = "attacks.adaptive."

@@ -33,6 +33,7 @@ class AutoAttack(ProtocolAttack):
     options = {"attacks": ("apgd-ce", "apgd-t", "fab-t", "square"), "budget": None,
                "surrogate": "strongest", "on_test_time_defenses": True}
     order = 40
+    reads = ("grid",)  # surrogate 'strongest'
 
     def check(self, opts, cfg, attacks):
         check_autoattack_options("autoattack", opts)

@@ -45,6 +45,7 @@ class Checks(ProtocolAttack):
                "large_eps": lambda ctx: min(1.0, 5 * ctx.eps), "surrogate": "strongest",
                "on_test_time_defenses": True}
     order = 60
+    reads = ("grid",)  # surrogate 'strongest'
 
     def applicable(self, model, defense, opts):
         return plain(defense) or opts.get("on_test_time_defenses", True)

@@ -56,6 +56,7 @@ class Grid(ProtocolAttack):
                "lams": (0.5, 1.0), "mode": "efficient", "preset": "reference",
                "on_test_time_defenses": False, "calibration": 32, "audit": 16}
     order = 20
+    reads = ()  # the pruned mode's calibration: first_shard_first
 
     def first_shard_first(self, opts):
         return opts.get("mode") == "pruned"   # the calibration is made on the first shard

@@ -14,6 +14,7 @@ class PGD(ProtocolAttack):
     options = {"steps": 10, "alpha": lambda ctx: ctx.eps / 4, "random_start": True,
                "surrogate": "phantom_final"}
     order = 10
+    reads = ()  # nothing: its surrogate is named, never 'strongest'
 
     def run(self, ctx):
         sur = make_surrogate(ctx.opt("surrogate")) if ctx.is_deq else None

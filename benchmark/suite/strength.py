@@ -74,6 +74,7 @@ class Strength(ProtocolAttack):
                "boundary": "surface", "threshold_at": 0.5, "n_validation": 0,
                "on_test_time_defenses": True}
     order = 80  # after every attack whose records it reads (pgd, autoattack)
+    reads = ("grid", "pgd", "autoattack")  # its surrogate, the points robust under its attack
 
     def check(self, opts, cfg, attacks):
         p = "attacks.strength."

@@ -30,6 +30,7 @@ class TopSettings(ProtocolAttack):
                "on_test_time_defenses": False}
     order = 30
     reads_all_shards = True
+    reads = ("grid",)
 
     def check(self, opts, cfg, attacks):
         if "grid" not in attacks:

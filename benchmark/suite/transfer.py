@@ -53,6 +53,7 @@ class Transfer(ProtocolAttack):
     order = 70
     reads_all_models = True  # the sources' strongest grid settings (runner: unit dependencies)
     pinned = True            # its cache of crafted examples serves every target: one worker
+    reads = ("grid",)        # only the sources' grids: it need not wait for their AutoAttack
 
     def check(self, opts, cfg, attacks):
         for k in ("sources", "targets"):
