@@ -16,6 +16,8 @@ not start with ``_`` is imported on ``import benchmark.suite``)::
         order = 65            # plan position: after the attacks whose records it reads
                               # (clean 0, pgd 10, grid 20, top_settings 30, autoattack 40,
                               #  adaptive 50, checks 60, transfer 70)
+        reads = ("pgd", "autoattack")  # the keys whose records it reads: a parallel run
+                              # waits only for those units (and clean); omitted = all earlier
 
         def check(self, opts, cfg, attacks):        # config validation beyond the generic
             if opts.get("n", 20) < 20:                # (names, steps, alpha, surrogate, flags)
