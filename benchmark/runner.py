@@ -454,6 +454,17 @@ def _worker_main(cfg, path, threads, rank, tasks, results):
     db.close()
 
 
+def _pick(w: int, pending: list, deps: list, done: set, pinned: list):
+    """The unit (index) idle worker ``w`` runs next, None if none is ready: the ready unit
+    earliest in plan order. Worker 0 alone may run pinned units, and it takes a ready one
+    first, so they do not pile up at the end of the run while the other workers idle."""
+    if w == 0:
+        pick = next((j for j in pending if pinned[j] and deps[j] <= done), None)
+        if pick is not None:
+            return pick
+    return next((j for j in pending if deps[j] <= done and (not pinned[j] or w == 0)), None)
+
+
 def _run_parallel(cfg, path, todo, n_workers, threads, rank, bar, on_done=None):
     """Run ``todo`` on ``n_workers`` local processes, each unit once its dependencies
     (:func:`_unit_deps`) are committed; the ready unit earliest in plan order goes to the next
@@ -478,13 +489,7 @@ def _run_parallel(cfg, path, todo, n_workers, threads, rank, bar, on_done=None):
     try:
         while len(done) < len(todo):
             for w in list(idle):
-                # worker 0 alone may run pinned units: it takes a ready one first, so they do
-                # not pile up at the end while the other workers idle
-                pick = next((j for j in pending if w == 0 and pinned[j] and deps[j] <= done),
-                            None)
-                if pick is None:
-                    pick = next((j for j in pending if deps[j] <= done
-                                 and (not pinned[j] or w == 0)), None)
+                pick = _pick(w, pending, deps, done, pinned)
                 if pick is None:
                     continue
                 pending.remove(pick)

@@ -984,6 +984,21 @@ def test_workers_argument_and_dependencies(checkpoints, tmp_path, monkeypatch):
     assert deps[9] == {3}                                # shard 4-8: its grid only
     assert deps[10] == {0, 2, 6, 7}                      # strength: grid, pgd, autoattack
 
+    # which unit an idle worker takes: the ready one earliest in plan order; the pinned
+    # (transfer) units only on worker 0, which takes a ready one before anything else
+    from benchmark.runner import _pick
+    pinned = [a == "transfer" for _m, _d, a, _lo, _hi in todo]
+    def pick(w, done, pending=None):
+        pending = [j for j in range(len(todo)) if j not in done] if pending is None else pending
+        return _pick(w, pending, deps, done, pinned)
+    assert pick(0, set()) == 0 and pick(1, {0}) == 1
+    assert pick(1, {0, 1}) == 2                                  # the grid of shard 0-4
+    assert pick(0, {0, 1, 2}) == 5                               # transfer is ready: first
+    assert pick(1, {0, 1, 2}) == 3                               # never a pinned one
+    assert pick(1, set(), pending=[5, 9]) is None
+    assert pick(1, {0, 2}, pending=[10]) is None                 # strength: pgd, AA not done
+    assert pick(1, {0, 2, 6, 7}, pending=[10]) == 10
+
     # an attack that does not declare what it reads waits for every lower-order unit
     from benchmark.suite import get_attack
     monkeypatch.setattr(type(get_attack("transfer")), "reads", None)
