@@ -376,7 +376,7 @@ class JudgedModule(nn.Module):
         # a ready-made final-state gradient (PhantomFinal, ImplicitFinal): its own forward is a
         # plain solve too, so the same solve serves it; when it IS the reported forward
         # (PGD's phantom gradient on a final-state entry) its readout's value is the reported
-        # logits (bitwise: tests/test_surrogates.py), so the readout runs once, with its graph
+        # logits (bitwise: tests/test_attack_evaluation.py), so the readout runs once, with its graph
         s = src.forward.readout(model, traj, ctx, x, ctx)[0]
         if src.forward.config() == self.reported.config():
             r = s.detach()
