@@ -884,7 +884,9 @@ def autoattack_attack(judged: JudgedModule, x: Tensor, y: Tensor, eps: float,
     attack left robust (judged on the reported forward after each attack); ``False``: each attack
     on every clean-correct point (per-attack robust accuracy, ``extra['per_attack']``).
     ``budget``: knobs of :data:`AA_STANDARD_BUDGET`; any change labels the record 'reduced'.
-    Returns the worst case over the attacks; ``broken_by`` names the attack(s) that broke a point.
+    Returns the worst case over the attacks; ``broken_by`` names the attack(s) that broke a point;
+    ``extra['members']`` {attack: {row: (correct, margin)}}: each attack's own result on the rows
+    (positions in ``x``) it ran on, judged on the reported forward at that attack's output.
     """
     _check_eps(eps)
     attacks = list(attacks)
@@ -912,6 +914,10 @@ def autoattack_attack(judged: JudgedModule, x: Tensor, y: Tensor, eps: float,
     margin = reported_margin(clean_logits.float(), y).cpu()
     broken_by = [[] if c else ["clean"] for c in clean_correct.tolist()]
     per_attack = {}
+    # each member's own outcome on the points it ran on: {name: {row: (correct, margin)}} at
+    # the member's output, judged on the reported forward (benchmark.suite.checks reuses the
+    # ensemble's Square on those points instead of running Square there again)
+    members = {}
     bar = None
     if progress:
         from tqdm import tqdm
@@ -919,6 +925,7 @@ def autoattack_attack(judged: JudgedModule, x: Tensor, y: Tensor, eps: float,
     for name in attacks:
         todo = (robust if ensemble else clean_correct).nonzero().flatten()
         acc_att = clean_correct.clone()
+        mine = members.setdefault(name, {})
         for s in range(0, len(todo), batch_size):
             b = todo[s:s + batch_size]
             rows0 = judged.rows
@@ -927,6 +934,8 @@ def autoattack_attack(judged: JudgedModule, x: Tensor, y: Tensor, eps: float,
             meter.queries[b.cpu()] += (judged.rows - rows0) / max(len(b), 1)
             c, m = rescore(judged, xa, x[b], y[b], eps, meter, b.cpu(), batch_size)
             acc_att[b] = c
+            for j, (cj, mj) in enumerate(zip(c.tolist(), m.tolist())):
+                mine[int(b[j])] = (bool(cj), float(mj))
             for j in (~c).nonzero().flatten().tolist():
                 broken_by[int(b[j])].append(name)
             upd = robust[b] & (~c | (m.to(margin.device) < margin[b.cpu()]).to(c.device))
@@ -947,7 +956,8 @@ def autoattack_attack(judged: JudgedModule, x: Tensor, y: Tensor, eps: float,
               "library": "pyautoattack", **judged.config()}
     key = "per_attack" if not ensemble else "cumulative"
     return _outcome("autoattack" if ensemble else "autoattack_individual", x_adv, correct,
-                    final_margin, broken_by, meter, config, t0, {key: per_attack})
+                    final_margin, broken_by, meter, config, t0,
+                    {key: per_attack, "members": members})
 
 
 def torchattacks_attack(judged: JudgedModule, x: Tensor, y: Tensor, eps: float, name: str,

@@ -284,7 +284,10 @@ def test_undefended_model_is_broken_and_eps_zero_keeps_clean_accuracy(linear):
     aa = autoattack_attack(jm, x, y, eps, attacks=["apgd-ce"], budget={"apgd_n_iter": 10})
     assert aa.accuracy == 0.0 and _in_bounds(aa.x_adv, x, eps)
     assert all(b == ["apgd-ce"] for b in aa.broken_by)
-    assert aa.extra == {"cumulative": {"apgd-ce": 0.0}}
+    assert aa.extra["cumulative"] == {"apgd-ce": 0.0} and set(aa.extra) == {"cumulative", "members"}
+    # every point ran APGD-CE and it broke each one (margin < 0 at its output)
+    assert sorted(aa.extra["members"]["apgd-ce"]) == list(range(len(x)))
+    assert all(not c and m < 0 for c, m in aa.extra["members"]["apgd-ce"].values())
     assert aa.config["budget"] == "reduced" and aa.config["budget_knobs"]["apgd_n_iter"] == 10
     assert torch.equal(aa.correct, model(aa.x_adv).argmax(-1) == y)
 
@@ -306,6 +309,10 @@ def test_autoattack_individual_attacks_report_per_attack_accuracy(linear):
                             budget={"apgd_n_iter": 5, "square_n_queries": 10})
     per = out.extra["per_attack"]
     assert set(per) == {"apgd-ce", "square"}
+    # individually, each member ran on every clean-correct point; its own result there
+    for name, rows in out.extra["members"].items():
+        assert sorted(rows) == list(range(len(x)))
+        assert [not c for c, _m in rows.values()] == [name in b for b in out.broken_by]
     assert out.name == "autoattack_individual"
     for name, acc in per.items():
         broken = torch.tensor([name in b for b in out.broken_by])

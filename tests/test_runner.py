@@ -846,6 +846,65 @@ def test_obfuscation_checks_become_records_flags_and_leaderboard_fields(checkpoi
     assert "gone+early-3" not in (folder / "leaderboard.md").read_text()
 
 
+@needs_data
+def test_checks_reuse_the_ensembles_square_on_the_points_it_ran_on(checkpoints, tmp_path):
+    """With AutoAttack's Square at the checks' budget, the checks' Square record of a point
+    AutoAttack's Square ran on IS that result (correct, margin; no f-evaluations charged twice),
+    and Square runs only on the other points; ``share_square: false`` runs it everywhere."""
+    from benchmark.suite.checks import ensemble_square
+    attacks = {"grid": {"steps": 2, "kas": [1], "lams": [1.0]},
+               "autoattack": {"attacks": ["apgd-ce", "square"],
+                              "budget": {"apgd_n_iter": 2, "square_n_queries": 12}},
+               "checks": {"steps": 1, "square_queries": 12, "large_eps": 0.5}}
+    runs = {}
+    for share in (True, False):
+        raw = _raw(checkpoints, tmp_path / str(share), name=f"sq{share}", threat={"norm": "Linf", "eps": 0.02},
+                   attacks={**attacks, "checks": {**attacks["checks"], "share_square": share}})
+        raw["models"][0]["defenses"] = ["final"]
+        runs[share] = evaluate(from_dict(raw), progress=False)
+        assert runs[share]["complete"]
+    shared_total = own_total = 0
+    for share, res in runs.items():
+        recs = _records(res["db"])
+        for mk, g in recs.groupby("model"):
+            aa = g[g.attack == "autoattack"].set_index("example")
+            sq = g[(g.attack == "checks") & (g.setting == "square12")].set_index("example")
+            clean = g[g.attack == "clean"].set_index("example").correct
+            assert sorted(sq.index) == sorted(clean.index) and len(sq) == N
+            members = {e: json.loads(x)["members"] for e, x in aa.extra.items()}
+            ran = [e for e, m in members.items() if "square" in m]
+            # the ensemble's Square ran exactly on the points its APGD left robust
+            assert ran == [e for e, m in members.items() if m.get("apgd-ce", [0])[0] == 1]
+            for e in ran:
+                assert aa.correct[e] == members[e]["square"][0]
+            extras = {e: json.loads(x) for e, x in sq.extra.items()}
+            reused = [e for e, x in extras.items() if x.get("from") == "autoattack"]
+            assert (sq.correct <= clean.reindex(sq.index)).all()
+            if share:
+                assert reused == ran
+                shared_total += len(ran)
+                for e in ran:
+                    assert sq.correct[e] == members[e]["square"][0]
+                    assert sq.margin[e] == pytest.approx(members[e]["square"][1], abs=0, rel=1e-12)
+                    assert sq.nfev_nograd[e] == 0 and sq.nfev_grad[e] == 0
+                    assert extras[e]["broken_by"] == ([] if sq.correct[e] else ["square"])
+                own = [e for e in sq.index if e not in ran and clean[e]]
+                assert (sq.nfev_nograd[own] > 0).all() or not mk.startswith("deq")  # CNN: no f
+                own_total += len(own)
+                with ResultsDB(res["db"]) as db:
+                    assert set(ensemble_square(db, mk, "final", list(map(int, sq.index)), 0.02, 12)) == set(ran)
+                    assert ensemble_square(db, mk, "final", list(map(int, sq.index)), 0.02, 13) == {}
+                    assert ensemble_square(db, mk, "final", list(map(int, sq.index)), 0.05, 12) == {}
+            else:
+                assert reused == []
+                assert (sq.nfev_nograd[clean[clean == 1].index] > 0).all() or not mk.startswith("deq")
+        cfgs = [json.loads(c) for c in _units(res["db"]).query("attack == 'checks'").config]
+        assert sum(c["attack"]["square_from_autoattack"] for c in cfgs) == (shared_total if share else 0)
+    assert shared_total > 0 and own_total > 0   # both kinds of point occur in the sample
+    with pytest.raises(ConfigError, match=r"attacks\.checks\.share_square: must be true or false"):
+        from_dict(_raw(checkpoints, tmp_path, attacks={"checks": {"share_square": "yes"}}))
+
+
 def test_state_deviation_of_real_trajectories():
     """||z~[t] - z[t]|| / ||z[t]|| per example and state, checked against the states themselves:
     0 for the same input, > 0 and equal to the hand computation for a perturbed one."""
@@ -980,7 +1039,8 @@ def test_workers_argument_and_dependencies(checkpoints, tmp_path, monkeypatch):
     # the top_settings, AutoAttack or checks units planned before it
     assert deps[5] == {0, 1, 2}
     assert deps[6] == {0}                                # pgd reads nothing
-    assert deps[7] == {0, 2} and deps[8] == {0, 2}       # 'strongest': the grid of the shard
+    assert deps[7] == {0, 2}                             # 'strongest': the grid of the shard
+    assert deps[8] == {0, 2, 7}                          # checks: also AutoAttack's Square
     assert deps[9] == {3}                                # shard 4-8: its grid only
     assert deps[10] == {0, 2, 6, 7}                      # strength: grid, pgd, autoattack
 

@@ -47,8 +47,15 @@ class AutoAttack(ProtocolAttack):
                                 attacks=ctx.opt("attacks"), budget=ctx.opt("budget"),
                                 seed=ctx.seed, batch_size=ctx.cfg.batch_size,
                                 progress=ctx.progress)
-        return outcome_records(out, ctx.idx, ctx.y, "ensemble", ctx.state, ctx.model,
-                               ctx.defense, ctx.x), out.config
+        recs = outcome_records(out, ctx.idx, ctx.y, "ensemble", ctx.state, ctx.model,
+                               ctx.defense, ctx.x)
+        # each member's own result on the points it ran on (extra.members {attack: [correct,
+        # margin]}): the checks' Square reuses the ensemble's Square there (checks.py)
+        for k, r in enumerate(recs):
+            r["extra"]["members"] = {name: [int(c), m] for name, rows in
+                                     out.extra["members"].items() if k in rows
+                                     for c, m in [rows[k]]}
+        return recs, out.config
 
     def summary(self, g, clean):
         a = g[(g.attack == "autoattack") & (g.setting == "ensemble")]
