@@ -886,7 +886,10 @@ def autoattack_attack(judged: JudgedModule, x: Tensor, y: Tensor, eps: float,
     ``budget``: knobs of :data:`AA_STANDARD_BUDGET`; any change labels the record 'reduced'.
     Returns the worst case over the attacks; ``broken_by`` names the attack(s) that broke a point;
     ``extra['members']`` {attack: {row: (correct, margin)}}: each attack's own result on the rows
-    (positions in ``x``) it ran on, judged on the reported forward at that attack's output.
+    (positions in ``x``) it ran on, judged on the reported forward at that attack's output;
+    ``extra['first_x_adv']``: the first attack's output on every row it ran on (every
+    clean-correct point), the clean input elsewhere -- with ``ensemble`` it is that attack run
+    alone (Table 4's APGD-CE at the same gradient reuses it: benchmark/suite/top_settings.py).
     """
     _check_eps(eps)
     attacks = list(attacks)
@@ -922,6 +925,7 @@ def autoattack_attack(judged: JudgedModule, x: Tensor, y: Tensor, eps: float,
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(attacks), desc="autoattack", leave=False)
+    first_x_adv = x.clone()
     for name in attacks:
         todo = (robust if ensemble else clean_correct).nonzero().flatten()
         acc_att = clean_correct.clone()
@@ -933,6 +937,8 @@ def autoattack_attack(judged: JudgedModule, x: Tensor, y: Tensor, eps: float,
                 xa = run(name, x[b].clone(), y[b].clone()).detach()
             meter.queries[b.cpu()] += (judged.rows - rows0) / max(len(b), 1)
             c, m = rescore(judged, xa, x[b], y[b], eps, meter, b.cpu(), batch_size)
+            if name == attacks[0]:
+                first_x_adv[b] = xa
             acc_att[b] = c
             for j, (cj, mj) in enumerate(zip(c.tolist(), m.tolist())):
                 mine[int(b[j])] = (bool(cj), float(mj))
@@ -957,7 +963,7 @@ def autoattack_attack(judged: JudgedModule, x: Tensor, y: Tensor, eps: float,
     key = "per_attack" if not ensemble else "cumulative"
     return _outcome("autoattack" if ensemble else "autoattack_individual", x_adv, correct,
                     final_margin, broken_by, meter, config, t0,
-                    {key: per_attack, "members": members})
+                    {key: per_attack, "members": members, "first_x_adv": first_x_adv})
 
 
 def torchattacks_attack(judged: JudgedModule, x: Tensor, y: Tensor, eps: float, name: str,

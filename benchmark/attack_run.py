@@ -161,7 +161,8 @@ def run_attack(model_name: str, attack: str, checkpoint=None, defense=None, n: i
                     "nonfinite": sum(r["nonfinite"] for r in records),
                     "nfev_per_example": float(out.nfev.mean()),
                     "f_equivalents_per_example": float(out.f_equivalents.mean()),
-                    "wall_s": time.perf_counter() - t0, **out.extra},
+                    "wall_s": time.perf_counter() - t0,
+                    **{k: v for k, v in out.extra.items() if not torch.is_tensor(v)}},
         "per_example": [{**r, "status": "nonfinite" if r["nonfinite"] else "ok"} for r in records],
     }
     if src is not None and getattr(model, "is_deq", False):

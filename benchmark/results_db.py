@@ -11,6 +11,10 @@ Tables
 ``records``  one row per (model, defense, attack, setting, example): correct, margin, the
              evaluated state, entropies and residuals (JSON, clean passes), f_theta evaluations
              (without / with graph), wall time (the unit's, split evenly), unit id.
+``adversarial`` adversarial examples a unit kept for a later unit of the run to reuse (issue
+             16: transfer reuses the sources' PGD examples, Table 4 AutoAttack's APGD-CE ones):
+             one row per (model, defense, attack, name, example), float32 bytes and the shape,
+             written in the unit's transaction. Raw bytes, never pickle.
 
 Aggregates (accuracies, worst cases, tables, figures) are always derived from ``records``
 with pandas (:func:`ResultsDB.records_frame`); nothing re-attacks to draw a plot.
@@ -23,6 +27,8 @@ import sqlite3
 import time
 from pathlib import Path
 from typing import Iterable, Optional
+
+import torch
 
 from model_zoo.scoring import record_status
 
@@ -39,7 +45,12 @@ CREATE TABLE IF NOT EXISTS records (
     wall_s REAL, unit_id TEXT NOT NULL, extra TEXT, status TEXT, final_residual REAL,
     PRIMARY KEY (model, defense, attack, setting, example));
 CREATE INDEX IF NOT EXISTS records_by_attack ON records (model, defense, attack);
+CREATE TABLE IF NOT EXISTS adversarial (
+    model TEXT NOT NULL, defense TEXT NOT NULL, attack TEXT NOT NULL, name TEXT NOT NULL,
+    example INTEGER NOT NULL, unit_id TEXT NOT NULL, shape TEXT NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY (model, defense, attack, name, example));
 """
+ADVERSARIAL_FIELDS = ("model", "defense", "attack", "name", "example", "unit_id", "shape", "data")
 
 RECORD_FIELDS = ("model", "defense", "attack", "setting", "example", "label", "correct", "margin",
                  "state", "entropies", "residuals", "nfev_nograd", "nfev_grad", "wall_s",
@@ -142,9 +153,19 @@ class ResultsDB:
 
     def commit_unit(self, unit_id: str, model: str, defense: str, attack: str, shard: str,
                     records: Iterable[dict], wall_s: float, config: Optional[dict] = None,
-                    rank: int = 0) -> int:
+                    rank: int = 0, adversarial: Optional[dict] = None) -> int:
         """Write a unit's records and mark it finished, atomically. Returns the record count.
-        Committing a unit that is already finished is an error (nothing is counted twice)."""
+        Committing a unit that is already finished is an error (nothing is counted twice).
+        ``adversarial`` {name: (examples, tensor (B, ...))}: adversarial examples kept for
+        later units (table ``adversarial``, :meth:`adversarial`)."""
+        adv_rows = []
+        for name, (examples, xs) in (adversarial or {}).items():
+            xs = xs.detach().to("cpu", torch.float32).contiguous()
+            if len(examples) != len(xs):
+                raise ValueError(f"adversarial {name!r}: {len(examples)} examples, {len(xs)} rows")
+            shape = json.dumps(list(xs.shape[1:]))
+            adv_rows += [(model, defense, attack, name, int(e), unit_id, shape,
+                          xs[k].numpy().tobytes()) for k, e in enumerate(examples)]
         rows = []
         threshold = self.residual_threshold()
         for r in records:
@@ -180,6 +201,8 @@ class ResultsDB:
                 raise RuntimeError(f"work unit {unit_id!r} is already in the database")
             cur.executemany(f"INSERT INTO records ({', '.join(RECORD_FIELDS)}) VALUES "
                             f"({', '.join('?' * len(RECORD_FIELDS))})", rows)
+            cur.executemany(f"INSERT INTO adversarial ({', '.join(ADVERSARIAL_FIELDS)}) VALUES "
+                            f"({', '.join('?' * len(ADVERSARIAL_FIELDS))})", adv_rows)
             cur.execute("INSERT INTO units VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (unit_id, model, defense, attack, shard, len(rows), wall_s, time.time(),
                          rank, json.dumps(config or {}, default=str)))
@@ -198,12 +221,32 @@ class ResultsDB:
             sql += " WHERE " + " AND ".join(f"{k} = ?" for k in where)
         return pd.read_sql_query(sql, self.conn, params=tuple(where.values()))
 
+    def adversarial(self, model: str, defense: str, attack: str, name: str, examples) -> list:
+        """The adversarial examples ``name`` that units of (model, defense, attack) kept for
+        ``examples``: ``[(unit config (dict), {example: tensor})]``, one item per unit that
+        holds some of them (a caller reuses them only where every example is there and the
+        unit's configuration is the attack it would run)."""
+        examples = [int(e) for e in examples]
+        if not examples:
+            return []
+        rows = self.conn.execute(
+            "SELECT a.example, a.shape, a.data, u.unit_id, u.config FROM adversarial a JOIN units u "
+            "ON a.unit_id = u.unit_id WHERE a.model = ? AND a.defense = ? AND a.attack = ? AND "
+            f"a.name = ? AND a.example IN ({','.join('?' * len(examples))})",
+            (model, defense, attack, name, *examples)).fetchall()
+        out = {}
+        for ex, shape, data, uid, config in rows:
+            conf, xs = out.setdefault(uid, (json.loads(config or "{}"), {}))
+            t = torch.frombuffer(bytearray(data), dtype=torch.float32)
+            xs[int(ex)] = t.reshape(json.loads(shape))
+        return list(out.values())
+
     def units_frame(self):
         import pandas as pd
         return pd.read_sql_query("SELECT * FROM units", self.conn)
 
     def count(self, table: str = "records") -> int:
-        if table not in ("records", "units", "meta"):
+        if table not in ("records", "units", "meta", "adversarial"):
             raise ValueError(table)
         return self.conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
 
@@ -233,11 +276,15 @@ def merge(target, sources: Iterable) -> int:
                         continue
                     recs = s.conn.execute(f"SELECT {', '.join(RECORD_FIELDS)} FROM records "
                                           "WHERE unit_id = ?", (u[0],)).fetchall()
+                    advs = s.conn.execute(f"SELECT {', '.join(ADVERSARIAL_FIELDS)} FROM "
+                                          "adversarial WHERE unit_id = ?", (u[0],)).fetchall()
                     cur = dst.conn.cursor()
                     cur.execute("BEGIN IMMEDIATE")
                     try:
                         cur.executemany(f"INSERT INTO records ({', '.join(RECORD_FIELDS)}) VALUES "
                                         f"({', '.join('?' * len(RECORD_FIELDS))})", recs)
+                        cur.executemany(f"INSERT INTO adversarial ({', '.join(ADVERSARIAL_FIELDS)}) "
+                                        f"VALUES ({', '.join('?' * len(ADVERSARIAL_FIELDS))})", advs)
                         cur.execute("INSERT INTO units VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", u)
                         cur.execute("COMMIT")
                     except BaseException:

@@ -363,15 +363,15 @@ def _run_unit(db, cfg, ds, resolve, caches, m, dspec, attack, lo, hi, progress, 
     y = ds.labels[lo:hi].to(cfg.device)
     idx = [int(i) for i in ds.indices[lo:hi]]
     t0 = time.perf_counter()
-    recs, conf = spec.run(_unit_context(db, cfg, model, defense, m.key, dkey, attack, x,
-                                        y, idx, progress, resolve=resolve,
-                                        cache=caches.setdefault(attack, {})))
+    ctx = _unit_context(db, cfg, model, defense, m.key, dkey, attack, x, y, idx, progress,
+                        resolve=resolve, cache=caches.setdefault(attack, {}))
+    recs, conf = spec.run(ctx)
     wall = time.perf_counter() - t0
     for r in recs:
         r["wall_s"] = wall / max(len(idx), 1)
     db.commit_unit(uid, m.key, dkey, attack, f"{lo}-{hi}", recs, wall,
                    {"attack": conf, "defense": None if defense is None else defense.config()},
-                   rank)
+                   rank, adversarial=ctx.kept)
 
 
 def resolve_workers(workers, cfg: RunConfig, world: int = 1):

@@ -310,17 +310,17 @@ class FixedPoint(Solver):
 
 
 def _rmatvec(U, VT, x):
-    """x^T(-I + U V^T): x (b, D), U (b, D, m), VT (b, m, D)."""
-    if U.shape[-1] == 0:
+    """x^T(-I + U V^T): x (b, D), U (b, m, D) (the columns of U as rows), VT (b, m, D)."""
+    if U.shape[1] == 0:
         return -x
-    return -x + torch.einsum("bm,bmd->bd", torch.einsum("bd,bdm->bm", x, U), VT)
+    return -x + torch.bmm(torch.bmm(U, x[:, :, None]).transpose(1, 2), VT)[:, 0]
 
 
 def _matvec(U, VT, x):
-    """(-I + U V^T) x."""
-    if U.shape[-1] == 0:
+    """(-I + U V^T) x, U and VT (b, m, D)."""
+    if U.shape[1] == 0:
         return -x
-    return -x + torch.einsum("bdm,bm->bd", U, torch.einsum("bmd,bd->bm", VT, x))
+    return -x + torch.bmm(torch.bmm(VT, x[:, :, None]).transpose(1, 2), U)[:, 0]
 
 
 def _rank1(U, VT, dx, dg):
@@ -360,20 +360,20 @@ class Broyden(Solver):
         B, D = z0.shape
         M = self.memory_size or self.max_iter
         gx = f(z0, None) - z0 if gx0 is None else gx0
-        U = z0.new_zeros(B, D, M)
+        U = z0.new_zeros(B, M, D)
         VT = z0.new_zeros(B, M, D)
         n0 = 0
         if memory is not None:
-            if memory.U.shape[0] != B or memory.U.shape[1] != D:
+            if memory.U.shape[0] != B or memory.U.shape[2] != D:
                 raise ValueError("Broyden memory does not match the batch/state shape: "
-                                 f"memory {tuple(memory.U.shape[:2])} vs z0 {(B, D)}")
-            m = min(M, memory.U.shape[2])
-            U[:, :, :m] = memory.U[:, :, :m]
+                                 f"memory {(memory.U.shape[0], memory.U.shape[2])} vs z0 {(B, D)}")
+            m = min(M, memory.U.shape[1])
+            U[:, :m] = memory.U[:, :m]
             VT[:, :m] = memory.VT[:, :m]
             # The reference resumes with the stored columns for the FIRST update only; its step
             # counter then restarts at 0, so new columns overwrite from column 0 (spec 2.1).
             n_mem = min(memory.n, m)
-            update = -_matvec(U[:, :, :n_mem], VT[:, :n_mem], gx)
+            update = -_matvec(U[:, :n_mem], VT[:, :n_mem], gx)
             if self.resume == "continue":
                 n0 = memory.n
         else:
@@ -398,7 +398,7 @@ class Broyden(Solver):
             raise RuntimeError("internal error: active samples with different step counts")
         total = st["n0"] + kk  # columns written so far, counting a continued memory
         part = min(total - 1, M)
-        u, vT = _rank1(U[:, :, :part], VT[:, :part], dx, dg)
+        u, vT = _rank1(U[:, :part], VT[:, :part], dx, dg)
         col = (total - 1) % M
         # In place (issue 16): the buffers of _start belong to this solve, so the new column is
         # written into them instead of copying all of U, VT (B x D x M each) every step, and for
@@ -410,12 +410,12 @@ class Broyden(Solver):
         if not inplace:
             U = U.clone()
             VT = VT.clone()
-        U[:, :, col] = u
+        U[:, col] = u
         VT[:, col] = vT
-        update = -_matvec(U[:, :, :min(total, M)], VT[:, :min(total, M)], gx_new)
+        update = -_matvec(U[:, :min(total, M)], VT[:, :min(total, M)], gx_new)
         if inplace:
             if idx is not None:  # U, VT are index_select copies: write the column back
-                st["U"][idx, :, col] = u
+                st["U"][idx, col] = u
                 st["VT"][idx, col] = vT
             pairs = ()
         else:
@@ -438,10 +438,10 @@ def lift_memory(memory: BroydenMemory, gx_new_at_z: Tensor, gx_old_at_z: Tensor)
         return memory
     U, VT = memory.U.clone(), memory.VT.clone()
     dg = memory.dg + gx_new_at_z - gx_old_at_z
-    col = (n - 1) % U.shape[2]
-    part = min(n - 1, U.shape[2])
-    u, vT = _rank1(U[:, :, :part], VT[:, :part], memory.dx, dg)
-    U[:, :, col] = u
+    col = (n - 1) % U.shape[1]
+    part = min(n - 1, U.shape[1])
+    u, vT = _rank1(U[:, :part], VT[:, :part], memory.dx, dg)
+    U[:, col] = u
     VT[:, col] = vT
     return replace(memory, U=U, VT=VT, dg=dg)
 

@@ -284,7 +284,10 @@ def test_undefended_model_is_broken_and_eps_zero_keeps_clean_accuracy(linear):
     aa = autoattack_attack(jm, x, y, eps, attacks=["apgd-ce"], budget={"apgd_n_iter": 10})
     assert aa.accuracy == 0.0 and _in_bounds(aa.x_adv, x, eps)
     assert all(b == ["apgd-ce"] for b in aa.broken_by)
-    assert aa.extra["cumulative"] == {"apgd-ce": 0.0} and set(aa.extra) == {"cumulative", "members"}
+    assert aa.extra["cumulative"] == {"apgd-ce": 0.0}
+    assert set(aa.extra) == {"cumulative", "members", "first_x_adv"}
+    # a single attack: its own output is the first member's, every row clean-correct here
+    assert torch.equal(aa.extra["first_x_adv"], aa.x_adv)
     # every point ran APGD-CE and it broke each one (margin < 0 at its output)
     assert sorted(aa.extra["members"]["apgd-ce"]) == list(range(len(x)))
     assert all(not c and m < 0 for c, m in aa.extra["members"]["apgd-ce"].values())

@@ -72,7 +72,9 @@ class UnitContext:
     unit's result does not depend on which units ran before it; ``resolve(model_spec,
     defense_spec) -> (model, defense)`` loads another entry of the run (transfer sources);
     ``cache`` a dict private to this attack key that lives for the whole invocation (e.g.
-    adversarial examples crafted once per source and reused by every target)."""
+    adversarial examples crafted once per source and reused by every target); ``kept``
+    {name: (examples, x_adv)}: adversarial examples this unit keeps for later units, written
+    with its records (:meth:`keep`; ``ResultsDB.adversarial`` reads them)."""
     db: Any
     cfg: Any
     model: Any
@@ -89,6 +91,12 @@ class UnitContext:
     progress: bool = False
     resolve: Optional[Callable] = None
     cache: dict = field(default_factory=dict)
+    kept: dict = field(default_factory=dict)
+
+    def keep(self, name: str, x_adv, examples=None) -> None:
+        """Keep ``x_adv`` (rows = ``examples``, default this unit's ``idx``) in the database
+        with this unit's records, for a later unit of the run to reuse."""
+        self.kept[name] = (list(self.idx if examples is None else examples), x_adv)
 
     @property
     def eps(self) -> float:

@@ -10,6 +10,18 @@ from benchmark.suite._common import outcome_records, plain, surrogate_for
 from benchmark.suite._registry import ProtocolAttack, check_int, config_error, register_attack
 
 
+FIRST_MEMBER = "first_member"  # the name of the kept examples of the ensemble's first attack
+
+# the budget knobs each member of pyautoattack reads: two runs of a member with equal knobs (and
+# eps, gradient, reported forward) are the same attack up to the seed
+MEMBER_KNOBS = {"apgd-ce": ("apgd_n_iter", "apgd_n_restarts"),
+                "apgd-dlr": ("apgd_n_iter", "apgd_n_restarts"),
+                "apgd-t": ("apgd_n_iter", "apgd_n_restarts", "apgd_t_n_target_classes"),
+                "apgd-t-ce": ("apgd_n_iter", "apgd_n_restarts", "apgd_t_n_target_classes"),
+                "fab": ("fab_n_iter",), "fab-t": ("fab_n_iter", "fab_n_target_classes"),
+                "square": ("square_n_queries",)}
+
+
 def check_autoattack_options(name: str, opts: dict) -> None:
     """``attacks`` (pyautoattack's names) and ``budget`` (its knobs, integers >= 1) of
     ``attacks.<name>``."""
@@ -55,6 +67,11 @@ class AutoAttack(ProtocolAttack):
             r["extra"]["members"] = {name: [int(c), m] for name, rows in
                                      out.extra["members"].items() if k in rows
                                      for c, m in [rows[k]]}
+        # the first member ran alone on every clean-correct point: where Table 4 runs the same
+        # attack at the same gradient, it reuses these examples (top_settings.shared_first)
+        from benchmark.suite.top_settings import reuses_first_member
+        if reuses_first_member(ctx, sur, ctx.opt("attacks")):
+            ctx.keep(FIRST_MEMBER, out.extra["first_x_adv"])
         return recs, out.config
 
     def summary(self, g, clean):
