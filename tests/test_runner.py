@@ -690,6 +690,33 @@ def test_commit_unit_is_atomic(tmp_path):
         assert db.done_units() == {"u1", "u2"} and db.count("records") == 5
 
 
+def test_kept_adversarial_examples_round_trip_and_merge(tmp_path):
+    """A unit's kept adversarial examples are stored bit for bit with its records (one
+    transaction), read back per example with the unit's config, copied by merge, and a unit
+    whose row count does not match its examples is refused before anything is written."""
+    a, t = tmp_path / "a.sqlite", tmp_path / "t.sqlite"
+    xs = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    xs[0, 0, 0, 0] = 1e-42  # a denormal survives the bytes
+    with ResultsDB(a) as db:
+        db.commit_unit("m|d|pgd|0-3", "m", "d", "pgd", "0-3",
+                       [{"setting": "s", "example": e, "label": 0, "correct": 1} for e in (5, 6, 7)],
+                       1.0, {"attack": {"steps": 2}}, adversarial={"pgd": ([5, 6, 7], xs)})
+        got = db.adversarial("m", "d", "pgd", "pgd", [7, 5, 9])
+        assert len(got) == 1 and got[0][0] == {"attack": {"steps": 2}}
+        assert set(got[0][1]) == {5, 7}
+        assert torch.equal(got[0][1][5], xs[0]) and torch.equal(got[0][1][7], xs[2])
+        assert db.adversarial("m", "d", "pgd", "other", [5]) == []
+        assert db.adversarial("m", "d", "autoattack", "pgd", [5]) == []
+        with pytest.raises(ValueError, match="2 examples, 3 rows"):
+            db.commit_unit("m|d|pgd|3-5", "m", "d", "pgd", "3-5", [], 1.0,
+                           adversarial={"pgd": ([1, 2], xs)})
+        assert db.count("adversarial") == 3 and not db.is_done("m|d|pgd|3-5")
+    assert merge(t, [a]) == 1
+    with ResultsDB(t) as db:
+        assert db.count("adversarial") == 3
+        assert torch.equal(db.adversarial("m", "d", "pgd", "pgd", [6])[0][1][6], xs[1])
+
+
 def test_merge_skips_units_already_present(tmp_path):
     a, b, t = tmp_path / "a.sqlite", tmp_path / "b.sqlite", tmp_path / "t.sqlite"
     with ResultsDB(a) as db:
@@ -903,6 +930,80 @@ def test_checks_reuse_the_ensembles_square_on_the_points_it_ran_on(checkpoints, 
     assert shared_total > 0 and own_total > 0   # both kinds of point occur in the sample
     with pytest.raises(ConfigError, match=r"attacks\.checks\.share_square: must be true or false"):
         from_dict(_raw(checkpoints, tmp_path, attacks={"checks": {"share_square": "yes"}}))
+
+
+def test_table4_and_transfer_reuse_the_attacks_they_would_repeat(checkpoints, tmp_path):
+    """Table 4's APGD-CE at the strongest setting is AutoAttack's first member (same gradient,
+    eps and knobs: its examples are re-judged on the reported forward, not re-attacked), and
+    transfer from a source whose PGD unit ran transfer's attack (here the CNN) transfers that
+    unit's examples; ``share_autoattack`` / ``reuse_pgd: false`` attack again, and nothing is
+    kept in the database's ``adversarial`` table."""
+    attacks = {"pgd": {"steps": 2},
+               "grid": {"steps": 2, "kas": [1], "lams": [1.0]},
+               "autoattack": {"attacks": ["apgd-ce", "square"],
+                              "budget": {"apgd_n_iter": 2, "square_n_queries": 8}},
+               "top_settings": {"k": 1, "attacks": ["apgd-ce"], "budget": {"apgd_n_iter": 2}},
+               "transfer": {"steps": 2}}
+    for share in (True, False):
+        raw = _raw(checkpoints, tmp_path / str(share), name=f"t4{share}",
+                   attacks={**attacks,
+                            "top_settings": {**attacks["top_settings"], "share_autoattack": share},
+                            "transfer": {**attacks["transfer"], "reuse_pgd": share}})
+        raw["models"][0]["defenses"] = ["final"]
+        res = evaluate(from_dict(raw), progress=False)
+        assert res["complete"]
+        recs = _records(res["db"])
+        deq = recs[recs.model.str.startswith("deq")]
+        units = _units(res["db"])
+        t4conf = json.loads(units.query("attack == 'top_settings' and model.str.startswith('deq')",
+                                        engine="python").config.iloc[0])["attack"]
+        label = f"apgd-ce@{t4conf['settings'][0]}"
+        t4 = deq[(deq.attack == "top_settings") & (deq.setting == label)].set_index("example")
+        aa = deq[deq.attack == "autoattack"].set_index("example")
+        clean = deq[deq.attack == "clean"].set_index("example").correct
+        assert len(t4) == N and sorted(t4.index) == sorted(clean.index)
+        extras = {e: json.loads(x) for e, x in t4.extra.items()}
+        with ResultsDB(res["db"]) as db:
+            n_kept = db.count("adversarial")
+            cnn_pgd = db.adversarial("small_cnn_fashion_mnist", "final", "pgd", "pgd",
+                                     list(map(int, clean.index)))
+        tr = recs[recs.attack == "transfer"]
+        from_pgd = {s: json.loads(x)["from_pgd"] for s, x in zip(tr.setting, tr.extra)}
+        if share:
+            assert all(x.get("from") == "autoattack" for x in extras.values())
+            members = {e: json.loads(x)["members"] for e, x in aa.extra.items()}
+            for e in t4.index:
+                if clean[e]:  # AutoAttack's first member ran here: its result, re-judged
+                    c, m = members[e]["apgd-ce"]
+                    assert t4.correct[e] == c
+                    assert t4.margin[e] == pytest.approx(m, rel=1e-5, abs=1e-5)
+                else:
+                    assert t4.correct[e] == 0 and extras[e]["broken_by"] == ["clean"]
+            assert (t4.nfev_grad == 0).all() and (t4.nfev_nograd > 0).all()
+            assert t4.entropies.notna().all()  # the dynamics at the reused examples
+            # kept: AutoAttack's first member of the DEQ (N rows) and the CNN's PGD (N rows);
+            # not the DEQ's PGD (transfer attacks a DEQ source with its strongest grid setting)
+            assert n_kept == 2 * N and sum(len(xs) for _, xs in cnn_pgd) == N
+            assert len(cnn_pgd) == len(units.query("attack == 'pgd'")) // 2  # one per shard
+            assert from_pgd["small_cnn_fashion_mnist@final"] == ["model"]
+            assert from_pgd["deq_tiny_fashion_mnist@final"] == []
+            # the CNN attacked with its own PGD examples: exactly its PGD records
+            own = tr[(tr.model == "small_cnn_fashion_mnist")
+                     & (tr.setting == "small_cnn_fashion_mnist@final")].set_index("example")
+            pgd = recs[(recs.model == "small_cnn_fashion_mnist")
+                       & (recs.attack == "pgd")].set_index("example")
+            assert (own.correct == pgd.correct.reindex(own.index)).all()
+        else:
+            assert not any(x.get("from") for x in extras.values())
+            assert n_kept == 0 and cnn_pgd == []
+            assert all(v == [] for v in from_pgd.values())
+    with pytest.raises(ConfigError, match=r"attacks\.top_settings\.share_autoattack: must be true"):
+        from_dict(_raw(checkpoints, tmp_path, attacks={**attacks, "top_settings": {
+            "share_autoattack": "yes"}}))
+    with pytest.raises(ConfigError, match=r"attacks\.transfer\.reuse_pgd: must be true"):
+        from_dict(_raw(checkpoints, tmp_path, attacks={**attacks, "transfer": {"reuse_pgd": 1}}))
+    with pytest.raises(ConfigError, match=r"attacks\.grid\.skip_last_f: must be true"):
+        from_dict(_raw(checkpoints, tmp_path, attacks={**attacks, "grid": {"skip_last_f": "no"}}))
 
 
 def test_state_deviation_of_real_trajectories():

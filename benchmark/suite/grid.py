@@ -54,7 +54,10 @@ def _meta_key(mkey: str, dkey: str) -> str:
 class Grid(ProtocolAttack):
     options = {"steps": 10, "alpha": lambda ctx: ctx.eps / 4, "kas": range(1, 10),
                "lams": (0.5, 1.0), "mode": "efficient", "preset": "reference",
-               "on_test_time_defenses": False, "calibration": 32, "audit": 16}
+               "on_test_time_defenses": False, "calibration": 32, "audit": 16,
+               # skip the solver's f(z[i]) that the unroll recomputes: the same iterates and
+               # records, one f evaluation less per row and step (grid_attack(skip_last_f))
+               "skip_last_f": True}
     order = 20
     reads = ()  # the pruned mode's calibration: first_shard_first
 
@@ -68,6 +71,9 @@ class Grid(ProtocolAttack):
         for key in ("calibration", "audit"):
             if key in opts:
                 check_int(opts, key, 1, "attacks.grid.")
+        if "skip_last_f" in opts and not isinstance(opts["skip_last_f"], bool):
+            config_error("attacks.grid.skip_last_f",
+                         f"must be true or false, got {opts['skip_last_f']!r}")
         shard = getattr(cfg, "shard_size", None)
         ncal = opts.get("calibration", self.options["calibration"])
         if opts.get("mode") == "pruned" and isinstance(shard, int) and ncal > shard:
@@ -95,7 +101,8 @@ class Grid(ProtocolAttack):
     def _grid(self, ctx, x, y, settings, mode, seed):
         return grid_attack(ctx.model, ctx.defense, x, y, ctx.eps, ctx.opt("alpha"),
                            ctx.opt("steps"), settings=settings, mode=mode, seed=seed,
-                           batch_size=ctx.cfg.batch_size, progress=ctx.progress)
+                           batch_size=ctx.cfg.batch_size, progress=ctx.progress,
+                           skip_last_f=ctx.opt("skip_last_f"))
 
     @staticmethod
     def _records(ctx, g, x, y, idx, extra=None):
