@@ -279,12 +279,11 @@ def test_shard_major_order_puts_run_wide_readers_after_every_shard():
     from types import SimpleNamespace
     from benchmark.runner import shard_major
     m = SimpleNamespace(key="m")
-    plan = [(m, "final", a, lo, lo + 4) for a in ("clean", "pgd", "grid", "top_settings",
-                                                  "autoattack", "checks") for lo in (0, 4, 8)]
+    plan = [(m, "final", a, lo, lo + 4) for a in ("clean", "pgd", "grid", "autoattack",
+                                                  "top_settings", "checks") for lo in (0, 4, 8)]
     out = [(p[2], p[3]) for p in shard_major(plan)]
-    assert out == ([(a, lo) for lo in (0, 4, 8) for a in ("clean", "pgd", "grid")]
-                   + [(a, lo) for lo in (0, 4, 8) for a in ("top_settings", "autoattack",
-                                                             "checks")])
+    assert out == ([(a, lo) for lo in (0, 4, 8) for a in ("clean", "pgd", "grid", "autoattack")]
+                   + [(a, lo) for lo in (0, 4, 8) for a in ("top_settings", "checks")])
 
 
 def test_sigterm_stops_the_cli_gracefully_and_archives_what_finished(checkpoints, tmp_path):
