@@ -318,20 +318,28 @@ def _rmatvec(U, VT, x):
     """x^T(-I + U V^T): x (b, D), U (b, m, D) (the columns of U as rows), VT (b, m, D)."""
     if U.shape[1] == 0:
         return -x
-    return -x + torch.bmm(torch.bmm(U, x[:, :, None]).transpose(1, 2), VT)[:, 0]
+    # The products with U and VT as (b, 1, D) x (b, D, m) on a transposed view, and the -x added
+    # inside the second product (baddbmm, beta=-1): 1.5-15x faster on a CPU than
+    # bmm(U, x[:, :, None]), whose (b, m, D) x (b, D, 1) shape MKL runs as slow gemvs, and the
+    # same sums in another order (float rounding, issue 16).
+    c = torch.bmm(x[:, None, :], U.transpose(1, 2))
+    return torch.baddbmm(x[:, None, :], c, VT, beta=-1)[:, 0]
 
 
 def _matvec(U, VT, x):
     """(-I + U V^T) x, U and VT (b, m, D)."""
     if U.shape[1] == 0:
         return -x
-    return -x + torch.bmm(torch.bmm(VT, x[:, :, None]).transpose(1, 2), U)[:, 0]
+    c = torch.bmm(x[:, None, :], VT.transpose(1, 2))  # as in _rmatvec
+    return torch.baddbmm(x[:, None, :], c, U, beta=-1)[:, 0]
 
 
 def _rank1(U, VT, dx, dg):
     """Broyden's "good" rank-1 pair (u, vT) for the secant (dx, dg) given the columns U, VT."""
     vT = _rmatvec(U, VT, dx)
-    u = (dx - _matvec(U, VT, dg)) / torch.einsum("bd,bd->b", vT, dg)[:, None]
+    # the row-wise dot as a product and a sum: einsum("bd,bd->b") runs it as b slow gemvs (10x
+    # slower on a CPU); same sum in another order
+    u = (dx - _matvec(U, VT, dg)) / torch.linalg.vecdot(vT, dg)[:, None]
     return torch.nan_to_num(u, nan=0.0), torch.nan_to_num(vT, nan=0.0)
 
 
