@@ -67,6 +67,8 @@ def cmd_bench_forward(args):
                 "--tf", args.tf.split(",")[0], "--r", args.r.split(",")[0],
                 "--preset", args.preset, "--rounds", str(args.repeats),
                 "--variants", args.variants, "--inputs", args.inputs]
+        if args.threads:
+            argv += ["--threads", str(args.threads)]
         if args.checkpoint:
             argv += ["--checkpoint", args.checkpoint]
         if args.output:
@@ -769,7 +771,9 @@ def build_parser() -> argparse.ArgumentParser:
     bf.add_argument("--compare-old", action="store_true",
                     help="old vs new kernels of Sec. 3.2 (first --tf, first --r; --repeats = "
                          "interleaved rounds) and of Broyden's memory, in one process")
-    bf.add_argument("--variants", default="headline", help="with --compare-old: headline, levers or all")
+    bf.add_argument("--variants", default="headline", help="with --compare-old: headline, levers, inexact or all")
+    bf.add_argument("--threads", type=int, default=None,
+                    help="with --compare-old: torch threads (default: torch's, = the cores)")
     bf.add_argument("--inputs", choices=["test", "random"], default="test",
                     help="with --compare-old: the entry's test images or uniform noise")
     bf.set_defaults(func=cmd_bench_forward)
@@ -963,6 +967,8 @@ def main(argv=None) -> int:
     import os
     import sqlite3
     args = build_parser().parse_args(argv)
+    from model_zoo.runtime import tune_allocator
+    tune_allocator()  # same numbers, fewer page faults (model_zoo/runtime.py); DEQBENCH_MALLOC=default: off
     try:
         _check_device_arg(args)
         return args.func(args)

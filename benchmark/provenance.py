@@ -46,6 +46,8 @@ def device_description(device) -> str:
 
 
 def provenance(device="cpu", **extra) -> dict:
+    from model_zoo.runtime import allocator_state
     return {"git_commit": git_commit(), "versions": package_versions(),
             "device": device_description(device),
+            "allocator": allocator_state(),  # speed only: the numbers are the same either way
             "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **extra}

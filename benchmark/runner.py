@@ -434,6 +434,8 @@ def _unit_deps(todo, cfg=None):
 def _worker_main(cfg, path, threads, rank, tasks, results):
     """A worker process of :func:`_run_parallel`: runs the units it is sent into the shared
     database (SQLite in WAL mode, one writer at a time, each unit one transaction)."""
+    from model_zoo.runtime import tune_allocator
+    tune_allocator()  # a spawned process: the parent's malloc settings do not carry over
     torch.set_num_threads(threads)
     db = ResultsDB(path)
     ds, _ = _test_subset(cfg)

@@ -184,6 +184,8 @@ def test_compare_old_bench_reports_ratios_counts_and_equality(tmp_path, capsys):
     res = json.loads(out.read_text())
     rows = {r["variant"]: r for r in res["kernels"]}
     assert set(rows) == {"plain[old]", "plain[new]", "old", "new", "new+inexact"}
+    assert rows["old"]["within_float_tolerance"] and rows["new"]["within_float_tolerance"]
+    assert rows["new"]["f64_pixels_moved"] == rows["old"]["f64_pixels_moved"]
     for k in ("old", "new"):
         assert rows[k]["logits_bitwise_equal_old"] and rows[k]["x_used_bitwise_equal_old"]
         assert (rows[k]["f_nograd_per_sample"], rows[k]["f_grad_per_sample"]) == (22, 6)
@@ -195,3 +197,120 @@ def test_compare_old_bench_reports_ratios_counts_and_equality(tmp_path, capsys):
         assert (rows[k]["f_nograd_per_sample"], rows[k]["f_grad_per_sample"]) == (19, 0)
     assert [r["bitwise_equal"] for r in res["broyden"]] == [True, True]
     assert "time ratio vs plain" in capsys.readouterr().out
+
+
+# ---- the inexact levers of this stop: bn_fold, stem_im2col, and the layout fixes of channels_last
+
+
+def test_layout_safe_head_is_bitwise(trades_and_images):
+    """ClassificationHead.forward_layout_safe (_ReluMean) and _ToFormat change where memory
+    lives, not a value: logits and input gradients bitwise those of the plain head."""
+    from model_zoo.forward import _ToFormat
+    model, x, _ = trades_and_images
+    cl = torch.channels_last
+    with torch.no_grad():
+        z = model.unflatten(model.run(x).trajectory.best)
+    grads, logits = [], []
+    for safe in (False, True):
+        zs = [t.detach().clone().requires_grad_(True) for t in z]
+        inp = [_ToFormat.apply(t, cl) for t in zs]
+        out = model.head.forward_layout_safe(inp) if safe else model.head(inp)
+        g = torch.autograd.grad(mz.prediction_entropy(out).sum(), zs)
+        logits.append(out.detach())
+        grads.append(g)
+        if safe:  # _ToFormat hands the gradient back in the source (NCHW) layout
+            assert all(t.is_contiguous() for t in g)
+    assert torch.equal(logits[0], logits[1])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("cin,stride", [(1, 2), (1, 1), (3, 1), (3, 2)])
+def test_im2col_input_grad_matches_conv_backward(cin, stride):
+    from model_zoo.forward import _Im2colInputGrad
+    g = torch.Generator().manual_seed(cin * 10 + stride)
+    x = torch.rand(5, cin, 13, 14, generator=g)
+    w, b = torch.randn(7, cin, 3, 3, generator=g), torch.randn(7, generator=g)
+    up = torch.randn(5, 7, *torch.nn.functional.conv2d(x, w, b, stride, 1).shape[-2:], generator=g)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya = torch.nn.functional.conv2d(xa, w, b, stride, 1)
+    yb = _Im2colInputGrad.apply(xb, w, b, (stride, stride), (1, 1), (1, 1))
+    assert torch.equal(ya, yb)  # the forward is F.conv2d itself
+    (ga,), (gb,) = torch.autograd.grad(ya, xa, up), torch.autograd.grad(yb, xb, up)
+    assert gb.shape == x.shape
+    assert torch.allclose(ga, gb, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(ga, torch.zeros_like(ga))
+
+
+def test_bn_fold_and_im2col_patch_same_map_and_restore(trades_and_images):
+    from model_zoo.forward import _conv_bn_pairs, _patched_convs
+    model, x, _ = trades_and_images
+    # deq_tiny: stem 2 + stage0 1 + head (2 bottlenecks x (3 + shortcut) + down + final) = 13
+    pairs = _conv_bn_pairs(model)
+    assert len(pairs) == 13 and len({id(c) for c, _ in pairs}) == 13
+    with torch.no_grad():
+        z = model.unflatten(model.run(x).trajectory.best)
+        ref_logits, ref_inj = model.head(z), model.inject(x)[0]
+    with _frozen_params(model), _patched_convs(model, fold_bn=True, im2col_input=True):
+        patched = [m for m in model.modules() if "forward" in m.__dict__]
+        assert len(patched) == 13 + 13 + 0  # 13 convs and their 13 BNs (the image conv is one)
+        with torch.no_grad():
+            alt_logits, alt_inj = model.head(z), model.inject(x)[0]
+        xv = x.clone().requires_grad_(True)
+        (gx,) = torch.autograd.grad(model.inject(xv)[0].sum(), xv)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert torch.allclose(ref_logits, alt_logits, rtol=0, atol=1e-4)
+    assert torch.allclose(ref_inj, alt_inj, rtol=0, atol=1e-5)
+    xv = x.clone().requires_grad_(True)
+    (gref,) = torch.autograd.grad(model.inject(xv)[0].sum(), xv)
+    assert torch.allclose(gx, gref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(RuntimeError, match="boom"):
+        with _patched_convs(model, fold_bn=True):
+            raise RuntimeError("boom")
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_fast_inexact_is_within_float_tolerance_of_float64(trades_and_images):
+    """'The same numbers to float tolerance' for a defense with sign steps: the old float32
+    code is itself some pixels away from the float64 computation (its rounding floor); the
+    inexact levers must stay within 2x of that floor, with the same predictions."""
+    from benchmark.bench_forward import (distance_to_float64, float64_reference,
+                                         within_float_tolerance)
+    model, x, _ = trades_and_images
+    kw = dict(beta=0.1 / 4, r=10, tf=2, eps=0.1)
+    old, f_old = _run(model, x, EntropyReduction(**kw, kernels="reference"), legacy=True)
+    fast, f_fast = _run(model, x, EntropyReduction(**kw, kernels="fast+inexact"), legacy=False)
+    assert f_old == f_fast
+    f64 = float64_reference(model, x, EntropyReduction(**kw, kernels="reference"))
+    d_old, d_fast = distance_to_float64(old, f64, kw["beta"]), distance_to_float64(fast, f64, kw["beta"])
+    assert within_float_tolerance(d_fast, d_old), (d_fast, d_old)
+    assert d_fast["f64_predictions_differing"] == 0
+    assert torch.equal(fast.logits.argmax(1), old.logits.argmax(1))
+    # the check can fail: a defense with twice the step size is far outside
+    far, _ = _run(model, x, EntropyReduction(**{**kw, "beta": 0.05}), legacy=False)
+    assert not within_float_tolerance(distance_to_float64(far, f64, kw["beta"]), d_old)
+
+
+def test_fast_inexact_kernels_name():
+    from model_zoo.forward import FAST_INEXACT
+    d = EntropyReduction(kernels="fast+inexact")
+    assert d.levers == frozenset(FAST_INEXACT)
+    assert {"bn_fold", "stem_im2col", "channels_last"} <= d.levers and "bn_affine" not in d.levers
+    # not the old numbers bitwise: the choice is part of the defense's recorded identity
+    assert d.config()["kernels"] == "fast+inexact"
+    assert make_defense(d.config()).levers == d.levers
+    assert EntropyReduction(kernels=("list_head", "channels_last")).config()["kernels"] == [
+        "channels_last", "list_head"]
+    assert "kernels" not in EntropyReduction(kernels="reference").config()
+
+
+def test_bench_alloc_children_same_logits(tmp_path):
+    """The allocator A/B: each side in its own process, the same logits on both, the tuned
+    side applied and the default side not."""
+    from benchmark.bench_alloc import bench_alloc
+    res = bench_alloc(batch=2, pairs=1, repeats=1)
+    s = res["summary"]
+    assert s["tuned_applied"] is True
+    assert res["runs"]["default"][0]["allocator"]["tuned"] is False
+    for name in ("plain", "sec32"):
+        assert s[name]["same_logits"] is True
+        assert s[name]["tuned_minor_faults"] >= 0 and s[name]["default_wall_s"] > 0
