@@ -285,6 +285,43 @@ def compare_broyden_memory(model, x, y, rounds: int = 7, i: int = None, ka: int 
     return rows
 
 
+def float_tolerance_check(model_name: str, n: int = 512, batch_size: int = 64, seed: int = 0,
+                          kernels="fast+inexact", tf: int = 2, r: int = 10,
+                          preset: str = "reference") -> dict:
+    """Sec. 3.2 with the old kernels, with ``kernels`` and in float64 on ``n`` test images of
+    the entry (a seeded subset): each float32 side's accuracy under the defense, its distance
+    to float64 (pixels moved by > beta / 100, largest logit difference, predictions that
+    differ) and the predictions on which the two float32 sides disagree."""
+    from benchmark.data import load_dataset, subset
+    entry = model_zoo.get_entry(model_name)
+    model = model_zoo.load(model_name)
+    eps = entry.eps or 8 / 255
+    kw = dict(r=r, tf=tf, eps=eps, beta=eps / 4, preset=preset)
+    ds = subset(load_dataset(entry.dataset, "test"), n, seed=seed)
+    recs = {"old": [], "new": [], "f64": []}
+    for i in tqdm(range(0, n, batch_size), desc="float tolerance", leave=False):
+        x = ds.images[i:i + batch_size]
+        recs["old"].append(forward_counted(model, x, EntropyReduction(**kw, kernels="reference"),
+                                           legacy=True)[0])
+        recs["new"].append(forward_counted(model, x, EntropyReduction(**kw, kernels=kernels))[0])
+        recs["f64"].append(float64_reference(model, x, EntropyReduction(**kw, kernels="reference")))
+    y = ds.labels[:n]
+    pred = {k: torch.cat([q.logits.argmax(1) for q in v]) for k, v in recs.items()}
+    xs = {k: torch.cat([q.x_used.double() for q in v]) for k, v in recs.items()}
+    lg = {k: torch.cat([q.logits.double() for q in v]) for k, v in recs.items()}
+    out = {"model": model_name, "n": n, "kernels": kernels, "tf": tf, "r": r, "preset": preset,
+           "eps": eps, "pixels": xs["old"].numel(),
+           "f64_accuracy": float((pred["f64"] == y).float().mean()),
+           "predictions_differing_old_vs_new": int((pred["old"] != pred["new"]).sum())}
+    for k in ("old", "new"):
+        out[k] = {"accuracy": float((pred[k] == y).float().mean()),
+                  "f64_pixels_moved": int(((xs[k] - xs["f64"]).abs() > eps / 400).sum()),
+                  "f64_logits_max_abs_diff": float((lg[k] - lg["f64"]).abs().max()),
+                  "f64_predictions_differing": int((pred[k] != pred["f64"]).sum())}
+    out["within_float_tolerance"] = within_float_tolerance(out["new"], out["old"])
+    return out
+
+
 def format_compare(kernel_rows, broyden_rows=()) -> str:
     lines = ["| variant | s/batch | time ratio vs plain | speed-up vs old | f evals/sample "
              "(no grad + grad) | logits = old | x_used = old | vs float64: pixels moved, max "
@@ -320,6 +357,8 @@ def main(argv=None) -> int:
     from pathlib import Path
     ap = argparse.ArgumentParser(prog="python -m benchmark.bench_forward")
     ap.add_argument("--compare-old", action="store_true", required=True)
+    ap.add_argument("--float-tolerance", type=int, default=0, metavar="N",
+                    help="instead of timing: old vs 'fast+inexact' vs float64 on N test images")
     ap.add_argument("--model", default="deq_tiny_fmnist_trades")
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--batch-size", type=int, default=64)
@@ -344,6 +383,23 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     from model_zoo.runtime import allocator_state, tune_allocator
     tune_allocator()
+    if a.float_tolerance:
+        ft = float_tolerance_check(a.model, a.float_tolerance, a.batch_size, tf=a.tf, r=a.r,
+                                   preset=a.preset)
+        print(f"{a.model}, {ft['n']} test images, (Tf, R) = ({a.tf}, {a.r}), preset {a.preset}: "
+              f"float64 accuracy {100 * ft['f64_accuracy']:.2f}%")
+        for k, lab in (("old", "old float32"), ("new", "fast+inexact")):
+            q = ft[k]
+            print(f"  {lab}: accuracy {100 * q['accuracy']:.2f}%, vs float64 {q['f64_pixels_moved']} "
+                  f"of {ft['pixels']} pixels moved, logits max diff {q['f64_logits_max_abs_diff']:.2e}, "
+                  f"{q['f64_predictions_differing']} predictions differ")
+        print(f"  old vs fast+inexact: {ft['predictions_differing_old_vs_new']} predictions differ; "
+              f"within float tolerance: {ft['within_float_tolerance']}")
+        if a.output:
+            Path(a.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.output).write_text(json.dumps(ft, indent=2))
+            print(f"wrote {a.output}")
+        return 0
     model, x, y = bench_model_and_inputs(a.model, a.batch_size, a.inputs, a.checkpoint)
     entry = model_zoo.get_entry(a.model)
     eps = entry.eps or 8 / 255

@@ -314,3 +314,14 @@ def test_bench_alloc_children_same_logits(tmp_path):
     for name in ("plain", "sec32"):
         assert s[name]["same_logits"] is True
         assert s[name]["tuned_minor_faults"] >= 0 and s[name]["default_wall_s"] > 0
+
+
+def test_float_tolerance_check_reports_all_three():
+    from benchmark import bench_forward
+    ft = bench_forward.float_tolerance_check("deq_tiny_fmnist_trades", n=6, batch_size=4)
+    assert ft["n"] == 6 and ft["pixels"] == 6 * 28 * 28
+    for k in ("old", "new"):
+        assert 0 <= ft[k]["accuracy"] <= 1 and ft[k]["f64_pixels_moved"] >= 0
+        assert ft[k]["f64_logits_max_abs_diff"] < 0.05
+    assert ft["within_float_tolerance"] is True
+    assert ft["predictions_differing_old_vs_new"] == 0
