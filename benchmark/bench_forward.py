@@ -212,7 +212,12 @@ def float64_reference(model, x, defense):
     """The same defense computed in float64 (a float64 copy of the model, the old kernels):
     the yardstick for 'the same numbers to float tolerance'."""
     import copy
-    m64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        # weight-normed weights computed under autograd are non-leaf tensors, which deepcopy
+        # refuses: recompute them without a graph first (the forward recomputes them anyway)
+        if hasattr(model, "reset_weight_norm"):
+            model.reset_weight_norm()
+        m64 = copy.deepcopy(model).double()
     with torch.no_grad(), legacy_kernels():
         return m64.run(x.double(), defense=defense)
 
