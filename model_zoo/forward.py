@@ -628,6 +628,19 @@ def legacy_kernels():
         mdeq.CACHE_CONSTANT_FUSION = old
 
 
+def _bn_scale_shift(bn):
+    """Eval-mode BatchNorm2d as the per-channel affine map it applies: (scale, shift) with
+    scale = weight / sqrt(running_var + eps), shift = bias - running_mean * scale."""
+    with torch.no_grad():
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        shift = -bn.running_mean * scale
+        if bn.bias is not None:
+            shift = bn.bias + shift
+    return scale, shift
+
+
 @contextlib.contextmanager
 def _bn_as_affine(model):
     """Within the block every eval-mode BatchNorm2d of ``model`` computes
@@ -643,13 +656,7 @@ def _bn_as_affine(model):
         for mod in model.modules():
             if (isinstance(mod, torch.nn.BatchNorm2d) and not mod.training
                     and mod.running_mean is not None and "forward" not in mod.__dict__):
-                with torch.no_grad():
-                    scale = torch.rsqrt(mod.running_var + mod.eps)
-                    if mod.weight is not None:
-                        scale = scale * mod.weight
-                    shift = -mod.running_mean * scale
-                    if mod.bias is not None:
-                        shift = mod.bias + shift
+                scale, shift = _bn_scale_shift(mod)
                 sc, sh = scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)
                 mod.forward = (lambda sc, sh: lambda inp: sh.addcmul(inp, sc))(sc, sh)
                 patched.append(mod)
@@ -735,13 +742,8 @@ def _patched_convs(model, fold_bn: bool = False, im2col_input: bool = False):
             for conv, bn in _conv_bn_pairs(model):
                 if conv in folded:
                     continue
+                scale, shift = _bn_scale_shift(bn)
                 with torch.no_grad():
-                    scale = torch.rsqrt(bn.running_var + bn.eps)
-                    if bn.weight is not None:
-                        scale = scale * bn.weight
-                    shift = -bn.running_mean * scale
-                    if bn.bias is not None:
-                        shift = bn.bias + shift
                     w = conv.weight * scale.view(-1, 1, 1, 1)
                     b = shift if conv.bias is None else conv.bias * scale + shift
                 folded[conv] = (w, b)
