@@ -100,19 +100,23 @@ def test_broyden_matches_torchdeq_on_contractive_map():
     assert (fp.states[-1] - traj.states[-1]).abs().max() > 1e-6
 
 
-def test_broyden_matches_torchdeq_on_mdeq_cell(tiny_model):
-    torch.manual_seed(0)
-    m = tiny_model
-    x = torch.rand(3, 1, 28, 28)
+def _mdeq_broyden_vs_torchdeq(m, x, N=6):
+    """Our Broyden and torchdeq's on the MDEQ cell of ``m`` for input ``x``, N steps."""
     ctx = m.context(x)
-    N = 6
     z0 = m.zero_state(x)
     traj = Broyden(max_iter=N, eps=0, protect=None).solve(ctx.f, z0)
     with torch.no_grad():
         ref, info = _torchdeq_states(lambda z: ctx.f(z), z0, N)
+    return traj, ref, info
+
+
+def test_broyden_matches_torchdeq_on_mdeq_cell(tiny_model):
+    torch.manual_seed(0)
+    m = tiny_model
+    traj, ref, info = _mdeq_broyden_vs_torchdeq(m, torch.rand(3, 1, 28, 28))
     # float32: our products sum in another order than torchdeq's (issue 16's bmm/baddbmm shapes),
     # so rounding drifts by ~1e-5 over 6 steps; the float64 test below pins the algorithm itself.
-    for k in range(N):
+    for k in range(6):
         torch.testing.assert_close(traj.states[k], ref[k], rtol=1e-4, atol=5e-5)
     torch.testing.assert_close(traj.rel_trace, info["rel_trace"][:, 1:], rtol=1e-4, atol=1e-6)
     assert traj.states[0].shape == (3, m.state_dim)
@@ -122,15 +126,9 @@ def test_broyden_matches_torchdeq_on_mdeq_cell_float64():
     import model_zoo as mz
     torch.manual_seed(0)
     m = mz.create("deq_tiny_fashion_mnist").eval().double()
-    x = torch.rand(3, 1, 28, 28, dtype=DT)
-    ctx = m.context(x)
-    N = 6
-    z0 = m.zero_state(x)
-    traj = Broyden(max_iter=N, eps=0, protect=None).solve(ctx.f, z0)
-    with torch.no_grad():
-        ref, info = _torchdeq_states(lambda z: ctx.f(z), z0, N)
+    traj, ref, _ = _mdeq_broyden_vs_torchdeq(m, torch.rand(3, 1, 28, 28, dtype=DT))
     assert traj.states[0].dtype == DT
-    for k in range(N):
+    for k in range(6):
         torch.testing.assert_close(traj.states[k], ref[k], rtol=1e-9, atol=1e-10)
 
 
