@@ -310,19 +310,18 @@ def float_tolerance_check(model_name: str, n: int = 512, batch_size: int = 64, s
                                            legacy=True)[0])
         recs["new"].append(forward_counted(model, x, EntropyReduction(**kw, kernels=kernels))[0])
         recs["f64"].append(float64_reference(model, x, EntropyReduction(**kw, kernels="reference")))
+    from types import SimpleNamespace
     y = ds.labels[:n]
-    pred = {k: torch.cat([q.logits.argmax(1) for q in v]) for k, v in recs.items()}
-    xs = {k: torch.cat([q.x_used.double() for q in v]) for k, v in recs.items()}
-    lg = {k: torch.cat([q.logits.double() for q in v]) for k, v in recs.items()}
+    cat = {k: SimpleNamespace(x_used=torch.cat([q.x_used for q in v]),
+                              logits=torch.cat([q.logits for q in v])) for k, v in recs.items()}
+    pred = {k: c.logits.argmax(1) for k, c in cat.items()}
     out = {"model": model_name, "n": n, "kernels": kernels, "tf": tf, "r": r, "preset": preset,
-           "eps": eps, "pixels": xs["old"].numel(),
+           "eps": eps, "pixels": cat["old"].x_used.numel(),
            "f64_accuracy": float((pred["f64"] == y).float().mean()),
            "predictions_differing_old_vs_new": int((pred["old"] != pred["new"]).sum())}
     for k in ("old", "new"):
         out[k] = {"accuracy": float((pred[k] == y).float().mean()),
-                  "f64_pixels_moved": int(((xs[k] - xs["f64"]).abs() > eps / 400).sum()),
-                  "f64_logits_max_abs_diff": float((lg[k] - lg["f64"]).abs().max()),
-                  "f64_predictions_differing": int((pred[k] != pred["f64"]).sum())}
+                  **distance_to_float64(cat[k], cat["f64"], kw["beta"])}
     out["within_float_tolerance"] = within_float_tolerance(out["new"], out["old"])
     return out
 

@@ -462,7 +462,8 @@ class EntropyReduction(_SegmentedDynamics):
         if not beta > 0 or not eps >= 0:
             raise ValueError(f"beta must be > 0 and eps >= 0 (got beta={beta}, eps={eps})")
         self.beta, self.r, self.eps = float(beta), int(r), float(eps)
-        # A cost option, not part of the defense's identity (config() leaves it out): which
+        # A cost option (config() records it only when an inexact lever is on, since only then
+        # do the numbers differ from the old code's): which
         # kernel-level levers of issue 16 the input updates use ('fast': KERNEL_LEVERS,
         # 'reference': none, the pre-issue-16 code; 'fast+inexact': FAST_INEXACT, the same
         # numbers to float tolerance only; or a subset of the levers' names).

@@ -4,9 +4,11 @@
 the kernel after every op. PyTorch's CPU allocator is glibc's malloc: a tensor above malloc's
 mmap threshold (128 KiB at start, raised only after such a chunk is freed) gets fresh pages from
 the kernel, and freeing it (or trimming the heap top) returns them, so the next op of the same
-size page-faults its output in again. On this 2-core VM a Sec. 3.2 forward of 64 Fashion-MNIST
-images took ~92,000 minor page faults and 16% of its time in the kernel; with the settings
-below, ~200 faults and <1% (``python -m benchmark.bench_alloc``). torch has no CPU caching
+size page-faults its output in again. On this 2-core VM one process measured ~95,000 minor page
+faults and 16% kernel time per Sec. 3.2 forward of 64 Fashion-MNIST images; with the settings
+below, ~200 faults and <1%. Whether the default falls into this depends on the process's
+allocation history (``python -m benchmark.bench_alloc`` measures both sides in fresh processes,
+where the default threshold had often adapted: plain forward 1.06x, Sec. 3.2 1.00x). torch has no CPU caching
 allocator to switch on and jemalloc/tcmalloc would need an LD_PRELOAD before start, hence these
 three ``mallopt`` calls (ours). Values are unchanged: only where memory comes from differs.
 
