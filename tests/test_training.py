@@ -264,6 +264,13 @@ def test_bench_train_counts_and_speedup_fields(tmp_path):
     assert rows[1]["f_evals_per_sample"] <= rows[0]["f_evals_per_sample"]
     assert rows[3]["f_evals_per_sample"] <= rows[2]["f_evals_per_sample"]
     assert rows[1]["speedup_vs_base"] > 0 and rows[0]["speedup_vs_base"] == 1.0
+    # with a graph: the unroll (1 + 5) of every forward except TRADES' p(x); Sec. 3.3 does not
+    # shorten it, so its F-equivalent ratio (a graph f = 3 F) is below its f-eval ratio
+    assert rows[0]["f_grad_per_sample"] == 3 * 6 and rows[2]["f_grad_per_sample"] == 4 * 6
+    assert rows[1]["f_grad_per_sample"] == rows[0]["f_grad_per_sample"]
+    assert rows[0]["F_per_sample"] == 3 * 15 + 2 * 3 * 6
+    for r in (rows[1], rows[3]):
+        assert 1.0 <= r["F_ratio_vs_base"] <= r["f_ratio_vs_base"]
 
 
 def test_init_from_a_registered_checkpoint_is_hash_verified(tmp_path):
