@@ -27,11 +27,11 @@ def _child(model: str, batch: int, repeats: int, kernels: str, threads: int,
 
     import torch
 
+    import model_zoo
     from benchmark.bench_forward import bench_model_and_inputs, forward_counted
     from model_zoo import EntropyReduction, FinalState
     torch.set_num_threads(threads)
     m, x, _ = bench_model_and_inputs(model, batch, inputs=inputs)
-    import model_zoo
     eps = model_zoo.get_entry(model).eps or 8 / 255
     out = {"allocator": allocator_state()}
     for name, d in (("plain", FinalState()),

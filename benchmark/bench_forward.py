@@ -208,16 +208,22 @@ def compare_kernels(model, x, tf: int = 2, r: int = 10, rounds: int = 5, preset:
     return rows
 
 
-def float64_reference(model, x, defense):
-    """The same defense computed in float64 (a float64 copy of the model, the old kernels):
-    the yardstick for 'the same numbers to float tolerance'."""
+def float64_copy(model):
+    """A float64 deep copy of ``model``."""
     import copy
     with torch.no_grad():
         # weight-normed weights computed under autograd are non-leaf tensors, which deepcopy
         # refuses: recompute them without a graph first (the forward recomputes them anyway)
         if hasattr(model, "reset_weight_norm"):
             model.reset_weight_norm()
-        m64 = copy.deepcopy(model).double()
+        return copy.deepcopy(model).double()
+
+
+def float64_reference(model, x, defense, m64=None):
+    """The same defense computed in float64 (a float64 copy of the model, the old kernels):
+    the yardstick for 'the same numbers to float tolerance'. ``m64``: a copy from
+    :func:`float64_copy` to reuse across batches."""
+    m64 = float64_copy(model) if m64 is None else m64
     with torch.no_grad(), legacy_kernels():
         return m64.run(x.double(), defense=defense)
 
@@ -304,12 +310,14 @@ def float_tolerance_check(model_name: str, n: int = 512, batch_size: int = 64, s
     kw = dict(r=r, tf=tf, eps=eps, beta=eps / 4, preset=preset)
     ds = subset(load_dataset(entry.dataset, "test"), n, seed=seed)
     recs = {"old": [], "new": [], "f64": []}
+    m64 = float64_copy(model)  # once, not per batch
     for i in tqdm(range(0, n, batch_size), desc="float tolerance", leave=False):
         x = ds.images[i:i + batch_size]
         recs["old"].append(forward_counted(model, x, EntropyReduction(**kw, kernels="reference"),
                                            legacy=True)[0])
         recs["new"].append(forward_counted(model, x, EntropyReduction(**kw, kernels=kernels))[0])
-        recs["f64"].append(float64_reference(model, x, EntropyReduction(**kw, kernels="reference")))
+        recs["f64"].append(float64_reference(model, x, EntropyReduction(**kw, kernels="reference"),
+                                             m64=m64))
     from types import SimpleNamespace
     y = ds.labels[:n]
     cat = {k: SimpleNamespace(x_used=torch.cat([q.x_used for q in v]),

@@ -269,11 +269,14 @@ class ClassificationHead(nn.Module):
                                    nn.BatchNorm2d(cfg.final_channels, momentum=mom), nn.ReLU())
         self.classifier = nn.Linear(cfg.final_channels, num_classes)
 
-    def forward(self, z: list) -> Tensor:
+    def _trunk(self, z: list) -> Tensor:
         y = self.incre[0](z[0])
         for i, down in enumerate(self.down):
             y = self.incre[i + 1](z[i + 1]) + down(y)
-        y = self.final(y)
+        return y
+
+    def forward(self, z: list) -> Tensor:
+        y = self.final(self._trunk(z))
         return self.classifier(y.mean(dim=(2, 3)))
 
     def forward_layout_safe(self, z: list) -> Tensor:
@@ -281,9 +284,7 @@ class ClassificationHead(nn.Module):
         the same logits and input gradient, without the slow mixed-layout ReLU backward that a
         channels-last head otherwise gets from the mean's (NCHW) gradient. For the Sec. 3.2
         input updates (first derivatives only)."""
-        y = self.incre[0](z[0])
-        for i, down in enumerate(self.down):
-            y = self.incre[i + 1](z[i + 1]) + down(y)
+        y = self._trunk(z)
         *pre, last = list(self.final)
         if not isinstance(last, nn.ReLU):
             return self.classifier(self.final(y).mean(dim=(2, 3)))
